@@ -1,0 +1,3 @@
+"""streamd: posts on Redis Streams, fanned out live over WebSockets."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""`streamd run | gateway | fanout`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from streamd import __version__, logs, store
+from streamd.app import make_app
+from streamd.embedded import EmbeddedError, EmbeddedRedis
+from streamd.fanout import FanoutWorker
+from streamd.settings import Settings
+
+
+def _add_common(p: argparse.ArgumentParser, *, http: bool, redis_required: bool) -> None:
+    if http:
+        p.add_argument("--host", help="address to listen on (STREAMD_HOST, default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="port to listen on, 0 for any (STREAMD_PORT, default 8080)")
+    help_url = "Redis URL (STREAMD_REDIS_URL)"
+    if not redis_required:
+        help_url += "; without it a private server is started in --data-dir"
+    p.add_argument("--redis-url", help=help_url)
+    p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="streamd", description="Real-time feeds over WebSockets from Redis Streams.")
+    top.add_argument("--version", action="version", version=f"streamd {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="all in one: gateway + fan-out worker (+ a private Redis)")
+    _add_common(run, http=True, redis_required=False)
+    run.add_argument("--data-dir", help="where the private Redis keeps its data (STREAMD_DATA_DIR)")
+    gateway = sub.add_parser("gateway", help="HTTP API and WebSocket gateway")
+    _add_common(gateway, http=True, redis_required=True)
+    fanout = sub.add_parser("fanout", help="fan-out worker")
+    _add_common(fanout, http=False, redis_required=True)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "command"}
+    settings = Settings.from_env(**flags)
+    logs.setup(settings.log_json)
+    commands: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
+        "run": run_all,
+        "gateway": run_gateway,
+        "fanout": run_fanout,
+    }
+    if args.command != "run" and not settings.redis_url:
+        print(f"streamd {args.command}: --redis-url (or STREAMD_REDIS_URL) is required", file=sys.stderr)
+        return 2
+    return _run_loop(commands[args.command](settings))
+
+
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def admin_token_for(settings: Settings) -> str:
+    """STREAMD_ADMIN_TOKEN, else the one kept in the data dir (made on first start)."""
+    if settings.admin_token:
+        return settings.admin_token
+    path = Path(settings.data_dir) / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = "sda_" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines: list[str]) -> int:
+    stop = _stop_on_signals()
+    app = make_app(settings, redis_url, with_worker=with_worker)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        await site.start()
+        host, port = _bound(site, settings)
+        url = f"http://{host}:{port}"
+        print(f"streamd {__version__} listening on {url}", flush=True)
+        print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
+        for line in lines:
+            print(f"  {line}", flush=True)
+        await stop.wait()
+        print("streamd: stopping (closing sockets with 1001, finishing the fan-out batch)", flush=True)
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def _bound(site: web.TCPSite, settings: Settings) -> tuple[str, int]:
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    return settings.host, port
+
+
+async def run_all(settings: Settings) -> int:
+    embedded: EmbeddedRedis | None = None
+    lines: list[str] = []
+    redis_url = settings.redis_url
+    try:
+        admin = admin_token_for(settings)
+        if redis_url is None:
+            embedded = EmbeddedRedis(Path(settings.data_dir) / "redis", appendonly=True)
+            redis_url = await asyncio.to_thread(embedded.start)
+            lines.append(f"Redis        {redis_url} ({Path(embedded.binary or '').name}, data in {embedded.data_dir})")
+        else:
+            lines.append(f"Redis        {redis_url}")
+        lines.append(f"Admin token  {admin}")
+        return await _serve(settings.replace(admin_token=admin), redis_url, with_worker=True, lines=lines)
+    except EmbeddedError as err:
+        print(f"streamd: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def run_gateway(settings: Settings) -> int:
+    assert settings.redis_url
+    admin = "configured" if settings.admin_token else "not set (admin routes answer 401)"
+    return await _serve(settings, settings.redis_url, with_worker=False, lines=[f"Admin token  {admin}"])
+
+
+async def run_fanout(settings: Settings) -> int:
+    assert settings.redis_url
+    stop = _stop_on_signals()
+    client = store.connect(settings.redis_url, settings)
+    try:
+        workers = [FanoutWorker(client, settings, shard=s) for s in range(settings.ingest_shards)]
+        print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
+        await asyncio.gather(*(w.run(stop) for w in workers))
+    finally:
+        await client.aclose()
+    return 0

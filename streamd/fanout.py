@@ -1,0 +1,186 @@
+"""The fan-out worker: ingest stream -> feed histories + live channels.
+
+Reads the ingest stream through the `fanout` consumer group, appends each
+post to every feed it reaches (history append and live publish are one Lua
+script per feed) and acknowledges the entry only after every feed is written.
+The script skips a post already in a feed, so an entry redelivered after a
+crash never puts a post into a feed twice. Entries left pending by a dead
+worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
+
+from streamd import keys
+from streamd.feeds import expand
+from streamd.posts import build_post
+from streamd.settings import Settings
+from streamd.store import Scripts
+
+log = logging.getLogger("streamd.fanout")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class FanoutWorker:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        *,
+        consumer: str | None = None,
+        shard: int = 0,
+    ) -> None:
+        self._redis = client
+        self._settings = settings
+        self._scripts = Scripts.register(client)
+        self.consumer = consumer or consumer_name()
+        self._stream = keys.ingest_stream(shard)
+        self._dead = keys.dead_letter_stream(shard)
+        self.processed = 0
+
+    async def ensure_group(self) -> None:
+        try:
+            # From the start of the stream: posts accepted before any worker ran count too.
+            await self._redis.xgroup_create(self._stream, keys.FANOUT_GROUP, id="0", mkstream=True)
+        except ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set; the batch in flight is finished first."""
+        backoff = 0.1
+        next_claim = 0.0
+        while not stop.is_set():
+            try:
+                await self.ensure_group()
+                while not stop.is_set():
+                    now = time.monotonic()
+                    if now >= next_claim:
+                        await self.claim_stale()
+                        await self.trim_ingest()
+                        next_claim = now + self._settings.claim_every_seconds
+                    await self.step(block_ms=500)
+                    backoff = 0.1
+            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                log.warning("fanout: redis unavailable (%s); retrying in %.1fs", err, backoff)
+                try:
+                    await asyncio.wait_for(stop.wait(), backoff)
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 5.0) * (0.5 + secrets.randbelow(1000) / 1000)
+        await self._leave_group()
+
+    async def step(self, block_ms: int | None = None) -> int:
+        """Read and fan out one batch of new entries; returns how many."""
+        reply = await self._redis.xreadgroup(
+            keys.FANOUT_GROUP,
+            self.consumer,
+            {self._stream: ">"},
+            count=self._settings.fanout_batch,
+            block=block_ms,
+        )
+        entries: list[Entry] = reply[0][1] if reply else []
+        if entries:
+            await self.process(entries)
+        return len(entries)
+
+    async def claim_stale(self) -> int:
+        """Take over entries another consumer left pending for too long."""
+        start = "0-0"
+        claimed = 0
+        while True:
+            next_start, entries, *_ = await self._redis.xautoclaim(
+                self._stream,
+                keys.FANOUT_GROUP,
+                self.consumer,
+                min_idle_time=self._settings.claim_idle_ms,
+                start_id=start,
+                count=self._settings.fanout_batch,
+            )
+            live = [e for e in entries if e[1] is not None]
+            if live:
+                log.info("fanout: claimed %d stale entries", len(live))
+                await self.process(live)
+                claimed += len(live)
+            start = next_start.decode() if isinstance(next_start, bytes) else next_start
+            if start == "0-0":
+                return claimed
+
+    async def process(self, entries: Sequence[Entry]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        epoch = secrets.token_hex(4)
+        maxlen = self._settings.feed_history_len
+        done: list[bytes] = []
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            try:
+                author = fields[b"a"].decode()
+                post = build_post(entry_id, author, fields[b"d"])
+            except (KeyError, ValueError, TypeError) as err:
+                await self._dead_letter(raw_id, fields, f"unparseable ingest entry: {err!r}")
+                continue
+            post_json = orjson.dumps(post)
+            for feed in expand(author, post["events"]):
+                await self._scripts.feed_append(
+                    keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                    args=[keys.feed_channel(feed), feed, entry_id, post_json, maxlen, epoch],
+                    client=pipe,
+                )
+            done.append(raw_id)
+        if done:
+            # Any failed feed write raises here, and the entries stay pending
+            # to be retried (by this worker's next claim or another's).
+            await pipe.execute()
+            await self._redis.xack(self._stream, keys.FANOUT_GROUP, *done)
+            self.processed += len(done)
+
+    async def _dead_letter(self, raw_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}
+        await self._redis.xadd(self._dead, record, maxlen=10_000, approximate=True)
+        await self._redis.xack(self._stream, keys.FANOUT_GROUP, raw_id)
+        log.error("fanout: moved entry %s to %s: %s", raw_id.decode(), self._dead, reason)
+
+    async def trim_ingest(self) -> None:
+        """Drop ingest entries every consumer has finished with; keep the rest."""
+        groups = await self._redis.xinfo_groups(self._stream)
+        floor: tuple[int, int] | None = None
+        for group in groups:
+            candidates = [group["last-delivered-id"]]
+            if group["pending"]:
+                summary = await self._redis.xpending(self._stream, group["name"])
+                candidates.append(summary["min"])
+            for c in candidates:
+                text = c.decode() if isinstance(c, bytes) else c
+                ms, _, seq = text.partition("-")
+                value = (int(ms), int(seq or 0))
+                floor = value if floor is None or value < floor else floor
+        if floor and floor != (0, 0):
+            await self._redis.xtrim(self._stream, minid=f"{floor[0]}-{floor[1]}", approximate=True)
+
+    async def _leave_group(self) -> None:
+        try:
+            pending = await self._redis.xpending_range(
+                self._stream, keys.FANOUT_GROUP, min="-", max="+", count=1, consumername=self.consumer
+            )
+            if not pending:
+                await self._redis.xgroup_delconsumer(self._stream, keys.FANOUT_GROUP, self.consumer)
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError):
+            pass

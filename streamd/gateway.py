@@ -1,0 +1,186 @@
+"""The WebSocket endpoint `/v1/ws`: one socket, many feed subscriptions.
+
+The socket's own task reads client frames and runs subscribes (including the
+replay from history); live items reach the socket through the hub without
+touching this task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from streamd import cursors, history
+from streamd.auth import Auth, Principal, bearer
+from streamd.cursors import Handoff
+from streamd.errors import CloseCode, NotFound, StreamdError, TooManySubscriptions
+from streamd.feeds import parse_feed
+from streamd.hub import Connection, Hub
+from streamd.protocol import (
+    ClientOp,
+    error_frame,
+    ok_frame,
+    parse_client_frame,
+    pong_frame,
+    subscribed_frame,
+    unsubscribed_frame,
+)
+from streamd.settings import Settings
+
+log = logging.getLogger("streamd.gateway")
+
+REPLAY_DRAIN_SECONDS = 30.0
+
+
+class Session:
+    """The request side of one socket: parses ops and answers them."""
+
+    def __init__(self, hub: Hub, auth: Auth, settings: Settings, conn: Connection) -> None:
+        self.hub = hub
+        self.auth = auth
+        self.settings = settings
+        self.conn = conn
+        self.principal: Principal | None = None
+        self.malformed = 0
+
+    async def handle_text(self, text: str) -> None:
+        try:
+            op = parse_client_frame(text, max_backlog=self.settings.max_backlog)
+        except StreamdError as err:
+            self.malformed += 1
+            self.hub.send(self.conn, error_frame(err))
+            if self.malformed >= self.settings.max_malformed_frames:
+                self.hub.kill(self.conn, CloseCode.POLICY_VIOLATION, "too many malformed frames")
+            return
+        try:
+            await self.dispatch(op)
+        except StreamdError as err:
+            err.ref = op.ref
+            if err.feed is None and op.feed is not None:
+                err.feed = op.feed
+            self.hub.send(self.conn, error_frame(err))
+
+    async def dispatch(self, op: ClientOp) -> None:
+        if op.op == "ping":
+            self.hub.send(self.conn, pong_frame(op.ref))
+        elif op.op == "auth":
+            assert op.token is not None
+            self.principal = await self.auth.principal(op.token)
+            self.conn.principal = self.principal
+            self.hub.send(self.conn, ok_frame(op.ref))
+        elif op.op == "subscribe":
+            await self.subscribe(op)
+        elif op.op == "unsubscribe":
+            assert op.feed is not None
+            self.hub.detach(op.feed, self.conn)
+            self.hub.send(self.conn, unsubscribed_frame(op.ref, op.feed))
+
+    async def check_readable(self, feed: str) -> None:
+        if not parse_feed(feed).public:
+            # Curated lists are not served yet: to everyone they do not exist.
+            raise NotFound("no such feed", feed=feed)
+
+    async def subscribe(self, op: ClientOp) -> None:
+        feed = op.feed
+        assert feed is not None
+        await self.check_readable(feed)
+        hub, conn = self.hub, self.conn
+        if hub.is_subscribed(feed, conn):
+            snap = await history.snapshot(hub.redis, feed, 1)
+            hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), False))
+            return
+        if len(conn.feeds) >= self.settings.max_subscriptions:
+            raise TooManySubscriptions(f"at most {self.settings.max_subscriptions} subscriptions per socket")
+        cursor = cursors.decode(op.cursor) if op.cursor is not None else None
+        handoff = Handoff()
+        await hub.attach(feed, conn, handoff)
+        try:
+            await self._replay(op, feed, cursor, handoff)
+        except BaseException:
+            hub.detach(feed, conn)
+            raise
+        hub.go_live(feed, conn)
+
+    async def _replay(self, op: ClientOp, feed: str, cursor: cursors.Cursor | None, handoff: Handoff) -> None:
+        hub, conn = self.hub, self.conn
+        client = hub.redis
+        snap = await history.snapshot(client, feed, op.backlog if cursor is None else 1)
+        head = snap.head
+        if cursor is None:
+            hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), False))
+            for entry in reversed(snap.newest[: op.backlog]):
+                handoff.replayed(cursors.parse_entry_id(entry[0]))
+                hub.send(conn, history.item_frame(feed, snap.epoch, entry))
+            handoff.replayed(head)
+            return
+        plan = cursors.plan_resume(cursor, snap.epoch, snap.trimmed)
+        hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), plan.gap))
+        after = plan.after
+        page = self.settings.replay_page
+        while after < head:
+            entries = await history.read_after(client, feed, after, page)
+            for entry in entries:
+                entry_id = cursors.parse_entry_id(entry[0])
+                if entry_id > head:
+                    break  # newer items arrive live (they are held in the handoff)
+                handoff.replayed(entry_id)
+                hub.send(conn, history.item_frame(feed, snap.epoch, entry))
+                after = entry_id
+            else:
+                if len(entries) == page:
+                    await self._drain()
+                    continue
+            break
+        handoff.replayed(head)
+
+    async def _drain(self) -> None:
+        """Between replay pages: write what is queued and wait for the socket to take it."""
+        hub, conn = self.hub, self.conn
+        hub.write_now(conn)
+        deadline = asyncio.get_running_loop().time() + REPLAY_DRAIN_SECONDS
+        while not conn.closed and hub.buffered(conn) > self.settings.socket_buffer_bytes // 2:
+            if asyncio.get_running_loop().time() > deadline:
+                hub.kill(conn, CloseCode.TOO_SLOW)
+                break
+            await asyncio.sleep(0.005)
+
+
+async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings: Settings) -> web.StreamResponse:
+    principal: Principal | None = None
+    token = request.query.get("token")
+    header = request.headers.get("Authorization")
+    if header:
+        token = bearer(header)
+    if token is not None:
+        principal = await auth.principal(token)  # Unauthorized before the upgrade: HTTP 401
+
+    ws = web.WebSocketResponse(
+        max_msg_size=settings.max_frame_bytes,
+        compress=False,
+        heartbeat=settings.ws_ping_seconds,
+    )
+    await ws.prepare(request)
+    transport = request.transport
+    assert transport is not None
+    conn = Connection(ws, transport)
+    session = Session(hub, auth, settings, conn)
+    session.principal = principal
+    conn.principal = principal
+    hub.add(conn)
+    try:
+        while not conn.closed:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.TEXT:
+                await session.handle_text(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                hub.kill(conn, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send JSON text")
+            else:  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp closed with 1009 on an oversized frame)
+                break
+    except (ConnectionError, asyncio.CancelledError):
+        pass
+    finally:
+        if not conn.closed:
+            hub.remove(conn)
+    return ws

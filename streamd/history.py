@@ -1,0 +1,60 @@
+"""Reading a feed's history stream: the head, a backlog, the items after a cursor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from streamd import cursors, keys
+from streamd.cursors import EntryId
+from streamd.protocol import delete_frame, post_frame
+
+RawEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The feed's epoch (None: no history), newest trimmed id and newest entries."""
+
+    epoch: str | None
+    trimmed: EntryId
+    newest: list[RawEntry]  # newest first
+
+    @property
+    def head(self) -> EntryId:
+        return cursors.parse_entry_id(self.newest[0][0]) if self.newest else cursors.ZERO
+
+    def head_cursor(self) -> str:
+        if not self.newest:
+            return cursors.encode(self.epoch, "0-0")
+        return cursors.encode(self.epoch, self.newest[0][0].decode())
+
+
+async def snapshot(client: aioredis.Redis, feed: str, newest: int) -> Snapshot:
+    """Meta and the newest `newest` (>= 1) entries, read atomically (one slot, MULTI)."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hmget(keys.feed_meta(feed), "epoch", "trimmed")
+        pipe.xrevrange(keys.feed_stream(feed), count=max(newest, 1))
+        (epoch, trimmed), entries = await pipe.execute()
+    return Snapshot(
+        epoch=epoch.decode() if epoch else None,
+        trimmed=cursors.parse_entry_id(trimmed) if trimmed else cursors.ZERO,
+        newest=entries,
+    )
+
+
+async def read_after(client: aioredis.Redis, feed: str, after: EntryId, count: int) -> list[RawEntry]:
+    entries: list[RawEntry] = await client.xrange(
+        keys.feed_stream(feed), min=f"({after[0]}-{after[1]}", max="+", count=count
+    )
+    return entries
+
+
+def item_frame(feed: str, epoch: str | None, entry: RawEntry) -> bytes:
+    """The protocol frame of one history entry."""
+    raw_id, fields = entry
+    cursor = cursors.encode(epoch, raw_id.decode())
+    if fields.get(b"t") == b"delete":
+        return delete_frame(feed, cursor, fields[b"pid"].decode())
+    return post_frame(feed, cursor, fields[b"p"])

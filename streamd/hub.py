@@ -1,0 +1,345 @@
+"""The hub: which local sockets read which feed, and the write path to them.
+
+Delivery is synchronous and allocation-light: a live item is framed once, its
+bytes are appended to each subscriber's pending list, and one flush per loop
+iteration joins each socket's pending frames into a single transport write.
+No task and no await per recipient. A socket whose pending data or transport
+buffer passes `socket_buffer_bytes` is closed with 4008 and never slows the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+
+from streamd import cursors, history, keys
+from streamd.cursors import EntryId, Handoff
+from streamd.errors import CloseCode, Unavailable
+from streamd.live import LiveChannels
+from streamd.protocol import heartbeat_frame
+from streamd.settings import Settings
+from streamd.wsframe import text_frame
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+log = logging.getLogger("streamd.hub")
+
+
+class Connection:
+    """One WebSocket's delivery state. Small on purpose: there are many."""
+
+    __slots__ = (
+        "ws",
+        "transport",
+        "pending",
+        "pending_bytes",
+        "dirty",
+        "closed",
+        "last_write",
+        "feeds",
+        "principal",
+        "__weakref__",
+    )
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+        self.ws = ws
+        self.transport = transport
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.dirty = False
+        self.closed = False
+        self.last_write = 0.0
+        self.feeds: set[str] = set()
+        self.principal: object = None
+
+
+class FeedState:
+    __slots__ = ("feed", "channel", "live", "syncing", "filters", "last", "resync", "ready")
+
+    def __init__(self, feed: str, channel: bytes) -> None:
+        self.feed = feed
+        self.channel = channel
+        self.live: dict[Connection, None] = {}  # insertion-ordered set
+        self.syncing: dict[Connection, Handoff] = {}
+        # A socket that just went live after replaying up to entry E may still
+        # see older live messages that were in flight from Redis: skip those
+        # until the live stream passes E.
+        self.filters: dict[Connection, EntryId] = {}
+        self.last: EntryId = cursors.ZERO  # newest entry received live
+        self.resync: Handoff | None = None  # set while refilling after a reconnect
+        self.ready: asyncio.Future[None] | None = None
+
+
+class Hub:
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self._settings = settings
+        self._limit = settings.socket_buffer_bytes
+        self._by_channel: dict[bytes, FeedState] = {}
+        self._by_feed: dict[str, FeedState] = {}
+        self.connections: set[Connection] = set()
+        self._dirty: list[Connection] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._closing: set[asyncio.Task[None]] = set()
+        self.live = LiveChannels(client, self._on_message, self._resync_all)
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self.slow_closes = 0
+        self.delivered = 0
+
+    async def __aenter__(self) -> Hub:
+        await self.live.__aenter__()
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="streamd-heartbeats")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+        await self.live.__aexit__(*exc)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- subscriptions -------------------------------------------------------
+
+    def feed_count(self) -> int:
+        return len(self._by_feed)
+
+    async def attach(self, feed: str, conn: Connection, handoff: Handoff) -> None:
+        """Register `conn` as syncing on `feed` (live items are held in `handoff`)
+        and wait until the process's Redis subscription to the feed is live."""
+        st = self._by_feed.get(feed)
+        if st is None:
+            channel = keys.feed_channel(feed).encode()
+            st = FeedState(feed, channel)
+            self._by_feed[feed] = st
+            self._by_channel[channel] = st
+            st.ready = asyncio.ensure_future(self.live.subscribe(channel))
+        st.syncing[conn] = handoff
+        conn.feeds.add(feed)
+        assert st.ready is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(st.ready), timeout=10)
+        except (TimeoutError, asyncio.CancelledError):
+            self.detach(feed, conn)
+            raise
+        except Exception as err:
+            self.detach(feed, conn)
+            raise Unavailable("live subscription failed, try again", feed=feed) from err
+
+    def go_live(self, feed: str, conn: Connection) -> None:
+        """End the replay: release the held items after the replayed ones, then live."""
+        st = self._by_feed.get(feed)
+        if st is None or conn.closed:
+            return
+        handoff = st.syncing.pop(conn, None)
+        if handoff is None:
+            return
+        for frame in handoff.release():
+            self.push(conn, frame)
+        if handoff.last > st.last:
+            st.filters[conn] = handoff.last
+        st.live[conn] = None
+
+    def detach(self, feed: str, conn: Connection) -> None:
+        conn.feeds.discard(feed)
+        st = self._by_feed.get(feed)
+        if st is None:
+            return
+        st.live.pop(conn, None)
+        st.syncing.pop(conn, None)
+        st.filters.pop(conn, None)
+        if not st.live and not st.syncing:
+            del self._by_feed[feed]
+            del self._by_channel[st.channel]
+            if st.ready is not None and not st.ready.done():
+                st.ready.cancel()
+            task = asyncio.ensure_future(self.live.unsubscribe(st.channel))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    def is_subscribed(self, feed: str, conn: Connection) -> bool:
+        return feed in conn.feeds
+
+    # -- delivery ------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        st = self._by_channel.get(channel)
+        if st is None:
+            return
+        space = data.find(b" ")
+        raw_id = data[:space]
+        ms, _, seq = raw_id.partition(b"-")
+        entry = (int(ms), int(seq))
+        frame = text_frame(data[space + 1 :])
+        if st.resync is not None:
+            st.resync.hold(entry, frame)
+        elif entry > st.last:
+            st.last = entry
+            self._deliver(st, entry, frame)
+
+    def _deliver(self, st: FeedState, entry: EntryId, frame: bytes) -> None:
+        for conn, handoff in st.syncing.items():
+            handoff.hold(entry, frame)
+            if handoff.held_bytes > self._limit:
+                self.kill(conn, CloseCode.TOO_SLOW)
+        n = len(frame)
+        limit = self._limit
+        dirty = self._dirty
+        filters = st.filters
+        for conn in st.live:
+            if filters and conn in filters:
+                if entry <= filters[conn]:
+                    continue
+                del filters[conn]
+            conn.pending.append(frame)
+            conn.pending_bytes += n
+            if not conn.dirty:
+                conn.dirty = True
+                dirty.append(conn)
+        self.delivered += len(st.live)
+        if dirty and self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+        # Checked after the loop: killing mutates st.live.
+        for conn in [c for c in st.live if c.pending_bytes > limit]:
+            self.kill(conn, CloseCode.TOO_SLOW)
+
+    def push(self, conn: Connection, payload: bytes, *, framed: bool = True) -> None:
+        """Queue one frame for `conn`; written on the next flush."""
+        if conn.closed:
+            return
+        frame = payload if framed else text_frame(payload)
+        conn.pending.append(frame)
+        conn.pending_bytes += len(frame)
+        if not conn.dirty:
+            conn.dirty = True
+            self._dirty.append(conn)
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_soon(self._flush)
+        if conn.pending_bytes > self._limit:
+            self.kill(conn, CloseCode.TOO_SLOW)
+
+    def send(self, conn: Connection, payload: bytes) -> None:
+        """Queue one unframed protocol message."""
+        self.push(conn, text_frame(payload))
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        now = self._loop.time()
+        limit = self._limit
+        for conn in dirty:
+            conn.dirty = False
+            self.write_now(conn, now, limit)
+
+    def write_now(self, conn: Connection, now: float | None = None, limit: int | None = None) -> None:
+        pending = conn.pending
+        if conn.closed or not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        conn.pending = []
+        conn.pending_bytes = 0
+        transport = conn.transport
+        if transport.is_closing():
+            self.kill(conn, CloseCode.GOING_AWAY)
+            return
+        transport.write(data)
+        conn.last_write = self._loop.time() if now is None else now
+        if transport.get_write_buffer_size() > (self._limit if limit is None else limit):
+            self.kill(conn, CloseCode.TOO_SLOW)
+
+    def buffered(self, conn: Connection) -> int:
+        return conn.pending_bytes + conn.transport.get_write_buffer_size()
+
+    # -- lifecycle of sockets ---------------------------------------------------
+
+    def add(self, conn: Connection) -> None:
+        conn.last_write = self._loop.time()
+        self.connections.add(conn)
+
+    def remove(self, conn: Connection) -> None:
+        conn.closed = True
+        self.connections.discard(conn)
+        for feed in list(conn.feeds):
+            self.detach(feed, conn)
+        conn.pending = []
+        conn.pending_bytes = 0
+
+    def kill(self, conn: Connection, code: int, message: str = "") -> None:
+        """Drop `conn` from every feed now and close it with `code` in the background."""
+        if conn.closed:
+            return
+        if code == CloseCode.TOO_SLOW:
+            self.slow_closes += 1
+            message = message or "client fell too far behind; resume from the last cursor"
+        self.remove(conn)
+        task = asyncio.ensure_future(self._close(conn, code, message))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, conn: Connection, code: int, message: str) -> None:
+        try:
+            await asyncio.wait_for(conn.ws.close(code=code, message=message.encode()), timeout=5)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            if not conn.transport.is_closing():
+                conn.transport.abort()
+
+    async def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
+        """Flush what is queued, then close every socket with `code`."""
+        for conn in list(self.connections):
+            self.write_now(conn)
+            self.kill(conn, code, "server is going away; reconnect and resume")
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # -- heartbeats and resync --------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        quiet = self._settings.heartbeat_seconds
+        while True:
+            await asyncio.sleep(min(quiet / 5, 5.0))
+            now = self._loop.time()
+            frame = text_frame(heartbeat_frame(int(time.time() * 1000)))
+            for conn in list(self.connections):
+                if now - conn.last_write >= quiet and not conn.closed:
+                    self.push(conn, frame)
+
+    async def _resync_all(self) -> None:
+        """After a lost Redis connection, fill in every feed from its history."""
+        for st in list(self._by_feed.values()):
+            if st.resync is None and st.live:
+                await self._resync(st)
+
+    async def _resync(self, st: FeedState) -> None:
+        st.resync = Handoff(last=st.last)
+        try:
+            snap = await history.snapshot(self.redis, st.feed, 1)
+            after = st.last
+            while True:
+                entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
+                for entry in entries:
+                    entry_id = cursors.parse_entry_id(entry[0])
+                    if st.resync.replayed(entry_id):
+                        self._deliver(st, entry_id, text_frame(history.item_frame(st.feed, snap.epoch, entry)))
+                    after = entry_id
+                if len(entries) < self._settings.replay_page:
+                    break
+        except Exception:
+            log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)
+            for conn in list(st.live):
+                self.kill(conn, CloseCode.GOING_AWAY)
+        finally:
+            handoff, st.resync = st.resync, None
+            if handoff is not None:
+                for entry, frame in handoff.held:
+                    if entry > handoff.last:
+                        handoff.last = entry
+                        self._deliver(st, entry, frame)
+                st.last = max(st.last, handoff.last)

@@ -1,0 +1,70 @@
+"""Every Redis key streamd uses, in one place.
+
+Keys that are touched together by one command or script share a hash tag
+(the part in braces), so each multi-key operation stays in one Redis Cluster
+slot:
+
+    {f:<feed>}          a feed: history stream, meta hash, post index, live channel
+    {in:<shard>}        an ingest stream shard and its dead-letter stream
+    {u:<handle>}        a user record and the ids of its tokens
+    {t:<sha256>}        one token, looked up by the hash of its secret
+"""
+
+from __future__ import annotations
+
+PREFIX = "sd"
+FANOUT_GROUP = "fanout"
+
+
+def ingest_stream(shard: int = 0) -> str:
+    return f"{PREFIX}:{{in:{shard}}}:posts"
+
+
+def dead_letter_stream(shard: int = 0) -> str:
+    return f"{PREFIX}:{{in:{shard}}}:dead"
+
+
+def feed_stream(feed: str) -> str:
+    """The feed's history: one entry per item, its entry id is the cursor's position."""
+    return f"{PREFIX}:{{f:{feed}}}:items"
+
+
+def feed_meta(feed: str) -> str:
+    """Hash with the feed's `epoch` and the last `trimmed` entry id."""
+    return f"{PREFIX}:{{f:{feed}}}:meta"
+
+
+def feed_index(feed: str) -> str:
+    """Hash post id -> entry id of the posts currently in the feed's history."""
+    return f"{PREFIX}:{{f:{feed}}}:index"
+
+
+def feed_channel(feed: str) -> str:
+    """Pub/sub channel carrying the feed's live items to the gateways."""
+    return f"{PREFIX}:{{f:{feed}}}:live"
+
+
+CHANNEL_PREFIX = f"{PREFIX}:{{f:"
+CHANNEL_SUFFIX = "}:live"
+
+
+def feed_of_channel(channel: str) -> str:
+    return channel[len(CHANNEL_PREFIX) : -len(CHANNEL_SUFFIX)]
+
+
+def user(handle: str) -> str:
+    return f"{PREFIX}:{{u:{handle}}}:user"
+
+
+def user_tokens(handle: str) -> str:
+    """Hash token_id -> sha256 of the token, for listing and revoking."""
+    return f"{PREFIX}:{{u:{handle}}}:tokens"
+
+
+def token(digest: str) -> str:
+    return f"{PREFIX}:{{t:{digest}}}:token"
+
+
+def idempotency(shard: int, author: str, key_digest: str) -> str:
+    """Lives beside its ingest shard so the check and the append are one script."""
+    return f"{PREFIX}:{{in:{shard}}}:idem:{author}:{key_digest}"

@@ -1,0 +1,78 @@
+"""Settings: one frozen dataclass, built once from flags and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # None means "start an embedded server" for `streamd run`.
+    redis_url: str | None = None
+    data_dir: str = "./streamd-data"
+    # None: admin routes answer 401 (a gateway with no admin token configured).
+    admin_token: str | None = None
+
+    # Protocol limits (the defaults of ../PROTOCOL.md).
+    max_text_chars: int = 1000
+    max_events: int = 10
+    max_media: int = 4
+    max_body_bytes: int = 16 * 1024
+    max_frame_bytes: int = 4 * 1024
+    max_subscriptions: int = 200
+    max_backlog: int = 100
+    max_malformed_frames: int = 10
+
+    # Delivery.
+    feed_history_len: int = 10_000
+    socket_buffer_bytes: int = 512 * 1024
+    replay_page: int = 500
+    heartbeat_seconds: float = 25.0
+    ws_ping_seconds: float = 20.0
+
+    # Ingest.
+    ingest_shards: int = 1
+    idempotency_ttl_seconds: int = 24 * 3600
+
+    # Fan-out worker.
+    fanout_batch: int = 256
+    claim_idle_ms: int = 5_000
+    claim_every_seconds: float = 1.0
+    redis_pool_size: int = 64
+
+    log_json: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `STREAMD_<FIELD>` variables, then explicit overrides (flags).
+
+        An override of None means "not given" and leaves the lower layers alone.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"STREAMD_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _coerce(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    if kind.startswith("bool"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    return raw

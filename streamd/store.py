@@ -1,0 +1,38 @@
+"""The Redis client and the Lua scripts, created once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from streamd.settings import Settings
+
+
+def connect(url: str, settings: Settings) -> aioredis.Redis:
+    """A pooled client. The pool is sized on purpose: redis-py raises past it."""
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=settings.redis_pool_size,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def _load(name: str) -> str:
+    return resources.files("streamd").joinpath("scripts", name).read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    feed_append: AsyncScript
+    ingest_post: AsyncScript
+
+    @classmethod
+    def register(cls, client: aioredis.Redis) -> Scripts:
+        return cls(
+            feed_append=client.register_script(_load("feed_append.lua")),
+            ingest_post=client.register_script(_load("ingest_post.lua")),
+        )
