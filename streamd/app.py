@@ -42,7 +42,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_response(err.body(), status=exc.status, headers=headers)
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        log.warning("redis unavailable during %s %s: %s", request.method, request.path, exc)
+        log.warning("redis unavailable during %s %s: %r", request.method, request.path, exc, exc_info=True)
         return json_response(Unavailable("storage is unavailable, try again").body(), status=503)
 
 

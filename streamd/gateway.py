@@ -170,7 +170,8 @@ async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings
     conn.principal = principal
     hub.add(conn)
     try:
-        while not conn.closed:
+        # Ends when the socket closes, also when the hub closes it (4008, 1008...).
+        while True:
             msg = await ws.receive()
             if msg.type == WSMsgType.TEXT:
                 await session.handle_text(msg.data)

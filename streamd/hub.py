@@ -277,6 +277,8 @@ class Hub:
         if code == CloseCode.TOO_SLOW:
             self.slow_closes += 1
             message = message or "client fell too far behind; resume from the last cursor"
+        else:
+            self.write_now(conn)  # what was said before the close still goes out
         self.remove(conn)
         task = asyncio.ensure_future(self._close(conn, code, message))
         self._closing.add(task)
@@ -294,7 +296,6 @@ class Hub:
     async def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Flush what is queued, then close every socket with `code`."""
         for conn in list(self.connections):
-            self.write_now(conn)
             self.kill(conn, code, "server is going away; reconnect and resume")
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

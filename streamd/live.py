@@ -124,7 +124,8 @@ class LiveChannels:
     async def _read(self, conn: aioredis.connection.AbstractConnection) -> None:
         on_message = self._on_message
         while True:
-            reply = await conn.read_response(timeout=math.inf)
+            # push_request: subscribe replies and messages are push data to redis-py.
+            reply = await conn.read_response(timeout=math.inf, push_request=True)
             kind = reply[0]
             if kind == b"message":
                 on_message(reply[1], reply[2])
