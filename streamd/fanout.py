@@ -125,6 +125,18 @@ class FanoutWorker:
                 return claimed
 
     async def process(self, entries: Sequence[Entry]) -> None:
+        done = await self.write_feeds(entries)
+        if done:
+            await self._redis.xack(self._stream, keys.FANOUT_GROUP, *done)
+            self.processed += len(done)
+
+    async def write_feeds(self, entries: Sequence[Entry]) -> list[bytes]:
+        """Append each entry's post to all its feeds (one pipeline); the ids to ack.
+
+        Any failed feed write raises, and the entries stay pending to be
+        retried (by this worker's next claim or another's). A worker that dies
+        after this and before the ack leaves them pending in the same way.
+        """
         pipe = self._redis.pipeline(transaction=False)
         epoch = secrets.token_hex(4)
         maxlen = self._settings.feed_history_len
@@ -146,11 +158,8 @@ class FanoutWorker:
                 )
             done.append(raw_id)
         if done:
-            # Any failed feed write raises here, and the entries stay pending
-            # to be retried (by this worker's next claim or another's).
             await pipe.execute()
-            await self._redis.xack(self._stream, keys.FANOUT_GROUP, *done)
-            self.processed += len(done)
+        return done
 
     async def _dead_letter(self, raw_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}
@@ -173,7 +182,7 @@ class FanoutWorker:
                 value = (int(ms), int(seq or 0))
                 floor = value if floor is None or value < floor else floor
         if floor and floor != (0, 0):
-            await self._redis.xtrim(self._stream, minid=f"{floor[0]}-{floor[1]}", approximate=True)
+            await self._redis.xtrim(self._stream, minid=f"{floor[0]}-{floor[1]}", approximate=False)
 
     async def _leave_group(self) -> None:
         try:

@@ -1,0 +1,37 @@
+"""`python -m bench <scenario> [options]`: pick a scenario by name and run it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench import fanout
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# One entry per scenario module; each exposes HELP, add_arguments() and run().
+SCENARIOS: dict[str, Scenario] = {
+    "fanout": Scenario(fanout.HELP, fanout.add_arguments, fanout.run),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = top.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name, scenario in SCENARIOS.items():
+        p = sub.add_parser(name, help=scenario.help, description=scenario.help)
+        scenario.add_arguments(p)
+    args = top.parse_args(argv)
+    return SCENARIOS[args.scenario].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
