@@ -1,0 +1,358 @@
+"""The load generator: child processes driven by JSON lines on stdin.
+
+    python -m bench.loadgen poster       creates the authors, posts open-loop
+    python -m bench.loadgen subscriber   holds WebSocket subscribers, records deliveries
+
+Each command is one JSON object per line on stdin, each reply one JSON object
+per line on stdout (`{"ok": true, ...}` or `{"ok": false, "error": ...}`).
+EOF on stdin ends the process: the parent is done or gone.
+
+Posts carry `"<seq> <scheduled send time>"` as their text. `seq` is unique over
+the whole run and post `seq` is by author `seq % feeds`, so every subscriber
+knows which posts it must see. Times are CLOCK_MONOTONIC nanoseconds, one
+clock for every process on the machine, so a subscriber computes the latency
+from the time the post was *scheduled* to be sent (not when it was sent: a
+sender held up by a slow server must not hide that delay, i.e. no coordinated
+omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from bench.stats import summary_ms
+
+log = logging.getLogger("bench.loadgen")
+
+Reply = dict[str, Any]
+Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
+
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+def feed_name(index: int) -> str:
+    return f"user:{handle(index)}"
+
+
+def handle(index: int) -> str:
+    return f"h{index}"
+
+
+def new_session() -> aiohttp.ClientSession:
+    # limit=0: the default connector stops at 100 connections.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=HTTP_TIMEOUT)
+
+
+# -- posting -----------------------------------------------------------------------
+
+
+class Poster:
+    def __init__(self) -> None:
+        self.session = new_session()
+        self.base = ""
+        self.tokens: list[str] = []
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def setup(self, cmd: dict[str, Any]) -> Reply:
+        """Create one author per feed (users h0..hF-1); keep their tokens."""
+        self.base = cmd["base"]
+        headers = {"Authorization": f"Bearer {cmd['admin_token']}"}
+        self.tokens = []
+        for i in range(cmd["feeds"]):
+            body = orjson.dumps({"handle": handle(i)})
+            async with self.session.post(f"{self.base}/v1/users", data=body, headers=headers) as resp:
+                reply = await resp.read()
+                if resp.status != 201:
+                    return {"ok": False, "error": f"POST /v1/users {handle(i)}: {resp.status} {reply[:300]!r}"}
+                self.tokens.append(orjson.loads(reply)["token"])
+        return {"ok": True, "users": len(self.tokens)}
+
+    async def post(self, cmd: dict[str, Any]) -> Reply:
+        """Post `count` posts, post i scheduled at t0 + i * period, from `senders` concurrent senders.
+
+        Open loop: the schedule never waits for replies. A sender that finds
+        its post's time already past sends at once; the lateness shows in the
+        latencies (measured from the schedule) and in `send_lag`.
+        """
+        t0: int = cmd["t0_ns"]
+        period: int = cmd["period_ns"]
+        start: int = cmd["seq_start"]
+        count: int = cmd["count"]
+        url = f"{self.base}/v1/posts"
+        headers = [{"Authorization": f"Bearer {t}"} for t in self.tokens]
+        feeds = len(headers)
+        lag: list[int] = []
+        http: list[int] = []
+        statuses: Counter[str] = Counter()
+        failed: list[int] = []
+        next_i = 0
+        now = time.monotonic_ns
+        session = self.session
+
+        async def sender() -> None:
+            nonlocal next_i
+            while next_i < count:
+                i = next_i
+                next_i += 1
+                seq = start + i
+                scheduled = t0 + i * period
+                delay = scheduled - now()
+                if delay > 0:
+                    await asyncio.sleep(delay / 1e9)
+                sent = now()
+                lag.append(sent - scheduled)
+                body = orjson.dumps({"text": f"{seq} {scheduled}"})
+                try:
+                    async with session.post(url, data=body, headers=headers[seq % feeds]) as resp:
+                        await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, TimeoutError) as err:
+                    statuses[type(err).__name__] += 1
+                    failed.append(seq)
+                    continue
+                http.append(now() - sent)
+                statuses[str(status)] += 1
+                if status != 201:
+                    failed.append(seq)
+
+        await asyncio.gather(*(sender() for _ in range(cmd["senders"])))
+        return {
+            "ok": True,
+            "accepted": count - len(failed),
+            "failed": failed,
+            "statuses": dict(statuses),
+            "send_lag_ms": summary_ms(lag),
+            "http_ms": summary_ms(http),
+        }
+
+
+# -- subscribing ---------------------------------------------------------------------
+
+
+class Subscriber:
+    """One WebSocket reading one feed; `counts[seq // feeds]` counts deliveries of post seq."""
+
+    __slots__ = ("index", "feed", "ws", "counts", "close_code", "task")
+
+    def __init__(self, index: int, feed: int) -> None:
+        self.index = index
+        self.feed = feed
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.counts = bytearray()
+        self.close_code: int | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class Subscribers:
+    def __init__(self) -> None:
+        self.session = new_session()
+        self.feeds = 1
+        self.subs: list[Subscriber] = []
+        # One row per delivery, process-wide: which post, when scheduled, when received.
+        self.seqs = array("q")
+        self.sched = array("q")
+        self.recv = array("q")
+        self.unexpected: Counter[str] = Counter()
+
+    async def close(self) -> None:
+        closing = [s.ws.close() for s in self.subs if s.ws is not None and not s.ws.closed]
+        try:
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout=5)
+        except TimeoutError:
+            pass  # the parent stops the gateway next anyway
+        for sub in self.subs:
+            if sub.task is not None:
+                sub.task.cancel()
+        await asyncio.gather(*(s.task for s in self.subs if s.task), return_exceptions=True)
+        await self.session.close()
+
+    async def open(self, cmd: dict[str, Any]) -> Reply:
+        """Connect and subscribe every assigned subscriber, `concurrency` at a time."""
+        self.feeds = cmd["feeds"]
+        url = cmd["base"].replace("http://", "ws://", 1) + "/v1/ws"
+        gate = asyncio.Semaphore(cmd["concurrency"])
+        timeout: float = cmd["timeout_s"]
+
+        async def one(sub: Subscriber) -> None:
+            async with gate:
+                ws = await self.session.ws_connect(url, autoping=True, max_msg_size=1 << 20)
+                sub.ws = ws
+                await ws.send_str(orjson.dumps({"op": "subscribe", "ref": sub.index, "feed": feed_name(sub.feed)}).decode())
+                while True:
+                    msg = await ws.receive(timeout=timeout)
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        raise RuntimeError(f"subscriber {sub.index}: {msg.type.name} before subscribed")
+                    frame = orjson.loads(msg.data)
+                    if frame.get("op") == "subscribed" and frame.get("ref") == sub.index:
+                        break
+                    if frame.get("op") == "error":
+                        raise RuntimeError(f"subscriber {sub.index}: {frame}")
+                sub.task = asyncio.create_task(self._read(sub, ws))
+
+        subs = [Subscriber(i, f) for i, f in cmd["subs"]]
+        self.subs += subs
+        await asyncio.gather(*(one(s) for s in subs))
+        return {"ok": True, "opened": len(subs)}
+
+    async def _read(self, sub: Subscriber, ws: aiohttp.ClientWebSocketResponse) -> None:
+        # The hot loop of the load generator: keep it to one JSON parse and a few appends.
+        loads = orjson.loads
+        now = time.monotonic_ns
+        text_type = aiohttp.WSMsgType.TEXT
+        seqs, sched, recv = self.seqs, self.sched, self.recv
+        counts = sub.counts
+        feeds = self.feeds
+        want = feed_name(sub.feed)
+        async for msg in ws:
+            t = now()
+            if msg.type != text_type:
+                self.unexpected[f"msg:{msg.type.name}"] += 1
+                continue
+            frame = loads(msg.data)
+            if frame.get("op") != "post":
+                self.unexpected[f"op:{frame.get('op')}"] += 1
+                continue
+            seq_s, _, sched_s = frame["post"]["text"].partition(" ")
+            seq = int(seq_s)
+            if frame["feed"] != want or seq % feeds != sub.feed:
+                self.unexpected["misrouted"] += 1
+                continue
+            slot = seq // feeds
+            if slot >= len(counts):
+                counts.extend(bytes(slot + 1024 - len(counts)))
+            if counts[slot] < 255:
+                counts[slot] += 1
+            seqs.append(seq)
+            sched.append(int(sched_s))
+            recv.append(t)
+        sub.close_code = ws.close_code
+
+    def _received(self, lo: int, hi: int) -> int:
+        return sum(1 for s in self.seqs if lo <= s < hi)
+
+    async def collect(self, cmd: dict[str, Any]) -> Reply:
+        """Wait for the step's deliveries to settle, then account for posts lo <= seq < hi.
+
+        Returns latencies of the posts scheduled in the window [w0, w1), the
+        deliveries received in that window, and lost and duplicated deliveries
+        of every accepted post of the step. Rows of the step are dropped after.
+        """
+        lo: int = cmd["lo"]
+        hi: int = cmd["hi"]
+        w0: int = cmd["w0_ns"]
+        w1: int = cmd["w1_ns"]
+        failed = set(cmd["failed"])
+        feeds = self.feeds
+        accepted_per_feed = Counter(s % feeds for s in range(lo, hi) if s not in failed)
+        expected = sum(accepted_per_feed[s.feed] for s in self.subs if s.close_code is None)
+
+        # Settle: until everything expected arrived, or nothing arrived for `quiet_s`, or `max_wait_s`.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cmd["max_wait_s"]
+        last_n, last_change = len(self.seqs), loop.time()
+        while loop.time() < deadline:
+            n = len(self.seqs)
+            if n != last_n:
+                last_n, last_change = n, loop.time()
+            elif loop.time() - last_change >= cmd["quiet_s"]:
+                break
+            # The full count is only worth taking once the row count could reach it.
+            if n >= expected and self._received(lo, hi) >= expected:
+                break
+            await asyncio.sleep(0.05)
+
+        latencies: list[int] = []
+        in_window = 0
+        keep = array("q"), array("q"), array("q")
+        for seq, scheduled, received in zip(self.seqs, self.sched, self.recv, strict=True):
+            if seq >= hi:  # not this step's (cannot happen with one step at a time; kept anyway)
+                keep[0].append(seq)
+                keep[1].append(scheduled)
+                keep[2].append(received)
+                continue
+            if seq < lo:
+                continue  # a straggler of an earlier step, already accounted for as lost
+            if w0 <= scheduled < w1:
+                latencies.append(received - scheduled)
+            if w0 <= received < w1:
+                in_window += 1
+        self.seqs, self.sched, self.recv = keep
+
+        lost = dup = 0
+        for sub in self.subs:
+            counts = sub.counts
+            for seq in range(lo + (sub.feed - lo) % feeds, hi, feeds):
+                if seq in failed:
+                    continue
+                slot = seq // feeds
+                n = counts[slot] if slot < len(counts) else 0
+                if n == 0:
+                    lost += 1
+                elif n > 1:
+                    dup += n - 1
+        closed = Counter(str(s.close_code) for s in self.subs if s.close_code is not None)
+        return {
+            "ok": True,
+            "latencies_ns": latencies,
+            "received_in_window": in_window,
+            "lost": lost,
+            "dup": dup,
+            "closed": dict(closed),
+            "unexpected": dict(self.unexpected),
+        }
+
+
+# -- the command loop ------------------------------------------------------------------
+
+
+async def serve(role: str) -> int:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+    agent: Poster | Subscribers = Poster() if role == "poster" else Subscribers()
+    handlers: dict[str, Handler] = (
+        {"setup": agent.setup, "post": agent.post}
+        if isinstance(agent, Poster)
+        else {"open": agent.open, "collect": agent.collect}
+    )
+    try:
+        while line := await reader.readline():
+            cmd = orjson.loads(line)
+            try:
+                reply = await handlers[cmd["cmd"]](cmd)
+            except Exception as err:  # the parent decides what an error means; report it whole
+                log.exception("command %s failed", cmd.get("cmd"))
+                reply = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+            # A blocking write is fine: the parent reads replies as soon as it sent the command.
+            out.write(orjson.dumps(reply) + b"\n")
+            out.flush()
+    finally:
+        await agent.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("poster", "subscriber"):
+        print("usage: python -m bench.loadgen poster|subscriber  (driven by the fanout scenario)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
