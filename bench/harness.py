@@ -74,16 +74,25 @@ def process_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
-def cpu_busy_ticks() -> dict[str, tuple[int, int]]:
-    """Per CPU (`cpu0`, `cpu1`...): (busy, total) clock ticks since boot, from /proc/stat."""
-    out: dict[str, tuple[int, int]] = {}
+@dataclass(frozen=True, slots=True)
+class CoreTicks:
+    """One CPU's clock ticks since boot, from /proc/stat."""
+
+    busy: int  # user nice system irq softirq
+    steal: int  # taken by the hypervisor: neither ours nor idle, a sign of a noisy host
+    total: int
+
+
+def cpu_ticks() -> dict[str, CoreTicks]:
+    """Per CPU (`cpu0`, `cpu1`...)."""
+    out: dict[str, CoreTicks] = {}
     with open("/proc/stat", "rb") as f:
         for line in f:
             if line.startswith(b"cpu") and line[3:4].isdigit():
                 name, *values = line.split()
-                ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
-                idle = ticks[3] + ticks[4]
-                out[name.decode()] = (sum(ticks) - idle, sum(ticks))
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+                busy = user + nice + system + irq + softirq
+                out[name.decode()] = CoreTicks(busy, steal, busy + steal + idle + iowait)
     return out
 
 
@@ -91,7 +100,7 @@ def cpu_busy_ticks() -> dict[str, tuple[int, int]]:
 class CpuSnapshot:
     at_ns: int
     procs: dict[str, int]
-    cores: dict[str, tuple[int, int]]
+    cores: dict[str, CoreTicks]
 
 
 def snapshot(pids: Mapping[str, int]) -> CpuSnapshot:
@@ -99,7 +108,7 @@ def snapshot(pids: Mapping[str, int]) -> CpuSnapshot:
     for name, pid in pids.items():
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             procs[name] = process_ticks(pid)
-    return CpuSnapshot(time.monotonic_ns(), procs, cpu_busy_ticks())
+    return CpuSnapshot(time.monotonic_ns(), procs, cpu_ticks())
 
 
 # -- children ------------------------------------------------------------------------
