@@ -47,7 +47,16 @@ from bench.stats import cpu_percent, micros_per, summary_ms
 
 HELP = "WebSocket fan-out: latency, loss and server CPU per delivery at fixed delivery rates"
 LOADGEN_CPU_FLAG = 70.0  # % of one core; past this the load generator may be what limits the numbers
+OTHER_LOAD_FLAG = 5.0  # % of a core used by processes not ours: the numbers are disturbed
 START_DELAY_S = 0.3  # between sending the schedule and its first post
+# The gateway's abuse limits are meant for clients on the internet; here one
+# address opens every socket and a few authors post hundreds of times a
+# second. Settings a streamd version does not have are ignored.
+SERVER_ENV = {
+    "STREAMD_POSTS_PER_MINUTE": str(10**9),
+    "STREAMD_CONNECTIONS_PER_SECOND": str(10**9),
+    "STREAMD_CONNECTIONS_BURST": str(10**9),
+}
 
 
 def _rates(text: str) -> list[int]:
@@ -80,7 +89,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="subscribes in flight at once over all processes while connecting (default 32: below "
         "the gateway's Redis pool of 64, which fails a burst of subscribes instead of queueing them)",
     )
-    p.add_argument("--settle", type=float, default=2.0, help="after a step, wait this long with no delivery before counting losses (default 2)")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=2.0,
+        help="after a step, seconds without a delivery before the missing ones count as lost (default 2)",
+    )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--keep-workdir", action="store_true", help="keep the logs of every process (printed at the end)")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/fanout-<timestamp>.json)")
@@ -127,17 +141,19 @@ def run(args: argparse.Namespace) -> int:
     if args.loadgen_procs < 1 or args.senders < 1 or args.duration <= 0 or args.warmup < 0:
         print("bench fanout: --loadgen-procs, --senders and --duration must be positive", file=sys.stderr)
         return 2
-    plan = Plan(args.subscribers, args.feeds, args.duration, args.warmup, args.senders, args.settle, args.connect_concurrency)
+    plan = Plan(
+        args.subscribers, args.feeds, args.duration, args.warmup, args.senders, args.settle, args.connect_concurrency
+    )
     started = datetime.datetime.now(datetime.UTC)
     out = args.out or REPO_ROOT / "bench" / "results" / f"fanout-{started:%Y%m%d-%H%M%S}.json"
     pinning = Pinning() if args.no_pin else Pinning.two_cores()
 
     with terminate_on_sigterm(), _workdir(args.keep_workdir) as workdir:
-        sut = ServerUnderTest(workdir, pinning)
+        sut = ServerUnderTest(workdir, pinning, env=SERVER_ENV)
         try:
             with contextlib.ExitStack() as stack:
                 sut.start(stack)
-                print(f"bench fanout: gateway {sut.base_url} (pid {sut.pids().get('gateway')}), pinning {_pin_text(pinning)}")
+                print(f"bench fanout: gateway {sut.base_url}, pinning {_pin_text(pinning)}")
                 lg = _start_loadgen(stack, workdir, pinning, args.loadgen_procs)
                 _prepare(plan, sut, lg)
                 steps: list[dict[str, Any]] = []
@@ -169,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
             "settle_s": plan.settle,
             "connect_concurrency": plan.connect_concurrency,
             "pinning": _pin_text(pinning),
+            "server_env": SERVER_ENV,
         },
         "environment": _environment(),
         "steps": steps,
@@ -231,7 +248,7 @@ def _run_step(plan: Plan, rate: int, seq_lo: int, sut: ServerUnderTest, lg: Load
     t0 = time.monotonic_ns() + int(START_DELAY_S * 1e9)
     lg.poster.send("post", t0_ns=t0, period_ns=period, seq_start=seq_lo, count=count, senders=plan.senders)
 
-    pids = {**sut.pids(), **lg.pids()}
+    pids = {**sut.pids(), **lg.pids(), "bench": os.getpid()}
     _sleep_until(t0 + int(plan.warmup * 1e9))
     before = snapshot(pids)
     _sleep_until(t0 + int((plan.warmup + plan.duration) * 1e9))
@@ -243,13 +260,28 @@ def _run_step(plan: Plan, rate: int, seq_lo: int, sut: ServerUnderTest, lg: Load
     failed: list[int] = posted["failed"]
     w0, w1 = before.at_ns, after.at_ns
     for c in lg.subscribers:
-        c.send("collect", lo=seq_lo, hi=seq_hi, failed=failed, w0_ns=w0, w1_ns=w1, quiet_s=plan.settle, max_wait_s=plan.settle * 5 + 10)
+        c.send(
+            "collect",
+            lo=seq_lo,
+            hi=seq_hi,
+            failed=failed,
+            w0_ns=w0,
+            w1_ns=w1,
+            quiet_s=plan.settle,
+            max_wait_s=plan.settle * 5 + 10,
+        )
     parts = [c.receive(timeout=plan.settle * 5 + 60) for c in lg.subscribers]
 
     latencies: list[int] = []
+    to_accept: list[int] = []
+    to_receive: list[int] = []
+    loop_lag: list[int] = []
     by_second: dict[int, list[int]] = {}
     for part in parts:
         latencies += part["latencies_ns"]
+        to_accept += part["to_accept_ns"]
+        to_receive += part["accept_to_receive_ns"]
+        loop_lag += part["loop_lag_ns"]
         for second, latency in zip(part["seconds"], part["latencies_ns"], strict=True):
             by_second.setdefault(second, []).append(latency)
     window_s = (w1 - w0) / 1e9
@@ -261,6 +293,7 @@ def _run_step(plan: Plan, rate: int, seq_lo: int, sut: ServerUnderTest, lg: Load
     posts_in_window = sum(1 for i in range(first, last) if seq_lo + i not in failed_set)
 
     cpu = _cpu(before, after, window_s)
+    cpu["other"] = _other_load(cpu, sut.pinning)
     loadgen_names = lg.pids().keys()
     ticks = _ticks(before, after)
     loadgen_cpu = sum(cpu["procs"].get(n, 0.0) for n in loadgen_names)
@@ -276,6 +309,11 @@ def _run_step(plan: Plan, rate: int, seq_lo: int, sut: ServerUnderTest, lg: Load
         "latency_ms": summary_ms(latencies),
         # Per second of the window (by scheduled send time): shows stalls that a whole-window percentile hides.
         "latency_ms_by_second": [summary_ms(by_second[s]) for s in sorted(by_second)],
+        # One subscriber per feed, split at the post's created_at (server clock, whole ms).
+        "latency_stages_ms": {
+            "scheduled_to_accepted": summary_ms(to_accept),
+            "accepted_to_received": summary_ms(to_receive),
+        },
         "posts": count,
         "posts_failed": len(failed),
         "post_statuses": posted["statuses"],
@@ -291,7 +329,10 @@ def _run_step(plan: Plan, rate: int, seq_lo: int, sut: ServerUnderTest, lg: Load
         "gateway_us_per_delivery": _round(micros_per(ticks.get("gateway", 0), CLOCK_TICKS, delivered)),
         "fanout_us_per_post": _round(micros_per(ticks.get("fanout", 0), CLOCK_TICKS, posts_in_window)),
         "loadgen_cpu_pct": round(loadgen_cpu, 1),
+        # How late the subscriber processes' event loops ran a 5 ms timer (timer granularity ~1 ms).
+        "loadgen_loop_lag_ms": summary_ms(loop_lag),
         "loadgen_saturated": loadgen_cpu > LOADGEN_CPU_FLAG,
+        "other_load": any(v > OTHER_LOAD_FLAG for v in cpu["other"].values()),
         "cpu_pct": cpu,
     }
 
@@ -301,17 +342,33 @@ def _ticks(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, int]:
 
 
 def _cpu(before: CpuSnapshot, after: CpuSnapshot, window_s: float) -> dict[str, dict[str, float]]:
-    """% of one core per process, and % busy and % stolen per CPU over the window."""
+    """% of one core per process; per CPU, % running processes, in interrupts and stolen."""
     procs = {n: round(cpu_percent(t, CLOCK_TICKS, window_s), 1) for n, t in _ticks(before, after).items()}
-    cores: dict[str, float] = {}
-    steal: dict[str, float] = {}
+    out: dict[str, dict[str, float]] = {"procs": procs, "cores": {}, "irq": {}, "steal": {}}
     for name, a in after.cores.items():
         b = before.cores.get(name)
         if b is None or a.total <= b.total:
             continue
-        cores[name] = round(100.0 * (a.busy - b.busy) / (a.total - b.total), 1)
-        steal[name] = round(100.0 * (a.steal - b.steal) / (a.total - b.total), 1)
-    return {"procs": procs, "cores": cores, "steal": steal}
+        span = a.total - b.total
+        out["cores"][name] = round(100.0 * (a.busy - b.busy) / span, 1)
+        out["irq"][name] = round(100.0 * (a.irq - b.irq) / span, 1)
+        out["steal"][name] = round(100.0 * (a.steal - b.steal) / span, 1)
+    return out
+
+
+def _other_load(cpu: dict[str, dict[str, float]], pinning: Pinning) -> dict[str, float]:
+    """Per CPU, busy % not explained by our processes (other work on the machine, or irqs)."""
+    ours: dict[str, float] = {}
+    for name, pct in cpu["procs"].items():
+        cpus = pinning.gateway if name == "gateway" else pinning.rest
+        if cpus is None:  # unpinned: only the total can be compared
+            ours["all"] = ours.get("all", 0.0) + pct
+        else:
+            for c in cpus:  # spread evenly over its CPUs: an approximation
+                ours[f"cpu{c}"] = ours.get(f"cpu{c}", 0.0) + pct / len(cpus)
+    if "all" in ours:
+        return {"all": round(max(0.0, sum(cpu["cores"].values()) - ours["all"]), 1)}
+    return {c: round(max(0.0, busy - ours.get(c, 0.0)), 1) for c, busy in cpu["cores"].items()}
 
 
 def _merge(counters: Any) -> dict[str, int]:
@@ -397,6 +454,20 @@ def _print_notes(steps: list[dict[str, Any]], issues: dict[str, list[str]]) -> N
             f"busy {_cores_text(s['cpu_pct'])}; "
             f"send lag p99 {_cell(s['send_lag_ms']['p99'])} ms; POST p99 {_cell(s['post_http_ms']['p99'])} ms"
         )
+        accept, receive = (
+            s["latency_stages_ms"]["scheduled_to_accepted"],
+            s["latency_stages_ms"]["accepted_to_received"],
+        )
+        notes.append(
+            f"{rate}/s: latency p50/p99 split at created_at: scheduled->accepted "
+            f"{_cell(accept['p50'])}/{_cell(accept['p99'])} ms, "
+            f"accepted->received {_cell(receive['p50'])}/{_cell(receive['p99'])} ms"
+        )
+        lag = s["loadgen_loop_lag_ms"]
+        notes.append(f"{rate}/s: subscriber event loop lag p99 {_cell(lag['p99'])} ms, max {_cell(lag['max'])} ms")
+        if s["other_load"]:
+            other = s["cpu_pct"]["other"]
+            notes.append(f"{rate}/s: ! other processes used CPU in the window ({other} %): numbers disturbed")
         if s["loadgen_saturated"]:
             notes.append(f"{rate}/s: ! load generator over {LOADGEN_CPU_FLAG:.0f}% of a core: it may be the limit")
         if s["posts_failed"]:
@@ -412,8 +483,8 @@ def _print_notes(steps: list[dict[str, Any]], issues: dict[str, list[str]]) -> N
 
 def _cores_text(cpu: dict[str, dict[str, float]]) -> str:
     def one(name: str, busy: float) -> str:
-        stolen = cpu["steal"].get(name, 0.0)
-        return f"{name} {busy:.0f}%" + (f" (+{stolen:.0f}% stolen)" if stolen >= 1 else "")
+        irq, stolen = cpu["irq"].get(name, 0.0), cpu["steal"].get(name, 0.0)
+        return f"{name} {busy + irq:.0f}%" + (f" (+{stolen:.0f}% stolen)" if stolen >= 1 else "")
 
     return ", ".join(one(n, b) for n, b in cpu["cores"].items())
 
@@ -436,9 +507,14 @@ def _environment() -> dict[str, Any]:
         "streamd": streamd.__version__,
         "aiohttp": aiohttp.__version__,
     }
+    source = Path(streamd.__file__).resolve().parent
+    env["streamd_source"] = str(source)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=5)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "streamd"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
-        env["git_commit"] = head.stdout.strip()
-        env["streamd_dirty"] = bool(dirty.stdout.strip())
+        env["git_commit"] = git("rev-parse", "HEAD") or None
+        env["streamd_dirty"] = bool(git("status", "--porcelain", "--", "."))
     return env

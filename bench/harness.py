@@ -44,14 +44,6 @@ def can_pin(*cpus: int) -> bool:
     return set(cpus) <= os.sched_getaffinity(0)
 
 
-def pin_all_threads(pid: int, cpus: set[int]) -> None:
-    """sched_setaffinity acts on one thread: pin every thread of `pid`
-    (redis-server starts its background threads before we get its pid)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
 def _child_setup(cpus: set[int] | None) -> Callable[[], None]:
     """preexec_fn: pin before exec (so every later thread inherits it) and die with us."""
 
@@ -78,7 +70,8 @@ def process_ticks(pid: int) -> int:
 class CoreTicks:
     """One CPU's clock ticks since boot, from /proc/stat."""
 
-    busy: int  # user nice system irq softirq
+    busy: int  # user nice system: what processes ran
+    irq: int  # irq softirq: not charged to any process (much of the loopback network path)
     steal: int  # taken by the hypervisor: neither ours nor idle, a sign of a noisy host
     total: int
 
@@ -91,8 +84,8 @@ def cpu_ticks() -> dict[str, CoreTicks]:
             if line.startswith(b"cpu") and line[3:4].isdigit():
                 name, *values = line.split()
                 user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
-                busy = user + nice + system + irq + softirq
-                out[name.decode()] = CoreTicks(busy, steal, busy + steal + idle + iowait)
+                busy = user + nice + system
+                out[name.decode()] = CoreTicks(busy, irq + softirq, steal, busy + irq + softirq + steal + idle + iowait)
     return out
 
 
@@ -228,6 +221,7 @@ class ServerUnderTest:
 
     workdir: Path
     pinning: Pinning
+    env: dict[str, str] = field(default_factory=dict)  # STREAMD_* settings for both servers
     admin_token: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(24))
     redis: EmbeddedRedis | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -243,15 +237,13 @@ class ServerUnderTest:
         self.redis = EmbeddedRedis(self.workdir / "redis", appendonly=False)
         stack.callback(self.redis.stop)
         redis_url = self.redis.start()
-        if self.pinning.rest is not None and self.redis.proc is not None:
-            pin_all_threads(self.redis.proc.pid, self.pinning.rest)
 
-        self.fanout = self._spawn("fanout", ["fanout", "--redis-url", redis_url], {}, self.pinning.rest)
+        self.fanout = self._spawn("fanout", ["fanout", "--redis-url", redis_url], self.env, self.pinning.rest)
         stack.callback(stop_process, self.fanout)
         self.gateway = self._spawn(
             "gateway",
             ["gateway", "--host", "127.0.0.1", "--port", "0", "--redis-url", redis_url],
-            {"STREAMD_ADMIN_TOKEN": self.admin_token},
+            {**self.env, "STREAMD_ADMIN_TOKEN": self.admin_token},
             self.pinning.gateway,
         )
         stack.callback(stop_process, self.gateway)
@@ -262,9 +254,7 @@ class ServerUnderTest:
         self.base_url = f"http://127.0.0.1:{int(port.group(2))}"
         self._wait_for("fanout", self.fanout, re.compile(rb"fan-out worker"), deadline)
 
-    def _spawn(
-        self, name: str, args: list[str], env: dict[str, str], cpus: set[int] | None
-    ) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], cpus: set[int] | None) -> subprocess.Popen[bytes]:
         # Logs go to files, never to our terminal: at INFO streamd only logs
         # rare events, and the WARNING/ERROR lines are reported at the end.
         out = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115 - closed by _close_logs

@@ -19,6 +19,7 @@ omission).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import sys
@@ -80,6 +81,8 @@ class Poster:
                 if resp.status != 201:
                     return {"ok": False, "error": f"POST /v1/users {handle(i)}: {resp.status} {reply[:300]!r}"}
                 self.tokens.append(orjson.loads(reply)["token"])
+        gc.collect()
+        gc.freeze()  # what exists now lives for the whole run: keep it out of every collection
         return {"ok": True, "users": len(self.tokens)}
 
     async def post(self, cmd: dict[str, Any]) -> Reply:
@@ -144,14 +147,55 @@ class Poster:
 # -- subscribing ---------------------------------------------------------------------
 
 
+class LoopLag:
+    """How late the event loop runs a short timer, sampled all the time.
+
+    A load generator that cannot keep up shows here first: when its loop is
+    late by X ms, every latency it measures meanwhile is inflated by up to X.
+    """
+
+    INTERVAL_NS = 5_000_000
+
+    def __init__(self) -> None:
+        self.at = array("q")
+        self.lag = array("q")
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        now = time.monotonic_ns
+        while True:
+            t = now()
+            await asyncio.sleep(self.INTERVAL_NS / 1e9)
+            self.at.append(t)
+            self.lag.append(now() - t - self.INTERVAL_NS)
+
+    def take(self, w0: int, w1: int) -> list[int]:
+        """The samples taken in [w0, w1); forgets every sample."""
+        out = [lag for at, lag in zip(self.at, self.lag, strict=True) if w0 <= at < w1]
+        del self.at[:]
+        del self.lag[:]
+        return out
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 class Subscriber:
     """One WebSocket reading one feed; `counts[seq // feeds]` counts deliveries of post seq."""
 
-    __slots__ = ("index", "feed", "ws", "counts", "close_code", "task")
+    __slots__ = ("close_code", "counts", "feed", "index", "probe", "task", "ws")
 
-    def __init__(self, index: int, feed: int) -> None:
+    def __init__(self, index: int, feed: int, probe: bool) -> None:
         self.index = index
         self.feed = feed
+        # A probe also records the post's `created_at`, to split its latency in two.
+        self.probe = probe
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.counts = bytearray()
         self.close_code: int | None = None
@@ -167,14 +211,16 @@ class Subscribers:
         self.seqs = array("q")
         self.sched = array("q")
         self.recv = array("q")
+        # Probes only (one subscriber per feed): (seq, scheduled ns, created_at ms, received ns).
+        self.probes: list[tuple[int, int, int, int]] = []
         self.unexpected: Counter[str] = Counter()
+        self.loop_lag = LoopLag()
 
     async def close(self) -> None:
+        await self.loop_lag.stop()
         closing = [s.ws.close() for s in self.subs if s.ws is not None and not s.ws.closed]
-        try:
+        with contextlib.suppress(TimeoutError):  # the parent stops the gateway next anyway
             await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout=5)
-        except TimeoutError:
-            pass  # the parent stops the gateway next anyway
         for sub in self.subs:
             if sub.task is not None:
                 sub.task.cancel()
@@ -192,7 +238,8 @@ class Subscribers:
             async with gate:
                 ws = await self.session.ws_connect(url, autoping=True, max_msg_size=1 << 20)
                 sub.ws = ws
-                await ws.send_str(orjson.dumps({"op": "subscribe", "ref": sub.index, "feed": feed_name(sub.feed)}).decode())
+                request = {"op": "subscribe", "ref": sub.index, "feed": feed_name(sub.feed)}
+                await ws.send_str(orjson.dumps(request).decode())
                 while True:
                     msg = await ws.receive(timeout=timeout)
                     if msg.type != aiohttp.WSMsgType.TEXT:
@@ -204,7 +251,7 @@ class Subscribers:
                         raise RuntimeError(f"subscriber {sub.index}: {frame}")
                 sub.task = asyncio.create_task(self._read(sub, ws))
 
-        subs = [Subscriber(i, f) for i, f in cmd["subs"]]
+        subs = [Subscriber(i, f, i < self.feeds) for i, f in cmd["subs"]]
         self.subs += subs
         await asyncio.gather(*(one(s) for s in subs))
         # Every message allocates a few short-lived containers: without this,
@@ -213,6 +260,7 @@ class Subscribers:
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        self.loop_lag.start()
         return {"ok": True, "opened": len(subs)}
 
     async def _read(self, sub: Subscriber, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -224,6 +272,7 @@ class Subscribers:
         receive = ws.receive
         text_type = aiohttp.WSMsgType.TEXT
         seqs, sched, recv = self.seqs, self.sched, self.recv
+        probes, probe = self.probes, sub.probe
         counts = sub.counts
         feeds = self.feeds
         want = feed_name(sub.feed)
@@ -236,10 +285,13 @@ class Subscribers:
                 self.unexpected[f"msg:{msg.type.name}"] += 1
                 continue
             frame = loads(msg.data)
-            if frame.get("op") != "post":
-                self.unexpected[f"op:{frame.get('op')}"] += 1
+            op = frame.get("op")
+            if op != "post":
+                if op != "heartbeat":  # sent on a quiet socket: normal between steps
+                    self.unexpected[f"op:{op}"] += 1
                 continue
-            seq_s, _, sched_s = frame["post"]["text"].partition(" ")
+            post = frame["post"]
+            seq_s, _, sched_s = post["text"].partition(" ")
             seq = int(seq_s)
             if frame["feed"] != want or seq % feeds != sub.feed:
                 self.unexpected["misrouted"] += 1
@@ -252,6 +304,8 @@ class Subscribers:
             seqs.append(seq)
             sched.append(int(sched_s))
             recv.append(t)
+            if probe:
+                probes.append((seq, int(sched_s), post["created_at"], t))
         sub.close_code = ws.close_code
 
     def _received(self, lo: int, hi: int) -> int:
@@ -263,6 +317,10 @@ class Subscribers:
         Returns latencies of the posts scheduled in the window [w0, w1), the
         deliveries received in that window, and lost and duplicated deliveries
         of every accepted post of the step. Rows of the step are dropped after.
+
+        The probes' latencies are also split at the post's `created_at` (the
+        server's clock, whole milliseconds): scheduled -> accepted is the HTTP
+        ingest path, accepted -> received the fan-out and delivery path.
         """
         lo: int = cmd["lo"]
         hi: int = cmd["hi"]
@@ -291,13 +349,7 @@ class Subscribers:
         latencies: list[int] = []
         seconds: list[int] = []  # of each latency: whole seconds from w0 to the post's schedule
         in_window = 0
-        keep = array("q"), array("q"), array("q")
         for seq, scheduled, received in zip(self.seqs, self.sched, self.recv, strict=True):
-            if seq >= hi:  # not this step's (cannot happen with one step at a time; kept anyway)
-                keep[0].append(seq)
-                keep[1].append(scheduled)
-                keep[2].append(received)
-                continue
             if seq < lo:
                 continue  # a straggler of an earlier step, already accounted for as lost
             if w0 <= scheduled < w1:
@@ -305,10 +357,19 @@ class Subscribers:
                 seconds.append((scheduled - w0) // 1_000_000_000)
             if w0 <= received < w1:
                 in_window += 1
-        # In place: the reader tasks hold these arrays.
-        for rows, kept in zip((self.seqs, self.sched, self.recv), keep, strict=True):
+        to_accept: list[int] = []
+        to_receive: list[int] = []
+        wall = time.time_ns() - time.monotonic_ns()  # monotonic -> wall clock, as created_at is
+        for seq, scheduled, created_ms, received in self.probes:
+            if seq >= lo and w0 <= scheduled < w1:
+                to_accept.append(created_ms * 1_000_000 - (scheduled + wall))
+                to_receive.append(received + wall - created_ms * 1_000_000)
+        # One step at a time: every row is this step's or a straggler's. In
+        # place, because the reader tasks hold these containers.
+        for rows in (self.seqs, self.sched, self.recv):
             del rows[:]
-            rows.extend(kept)
+        self.probes.clear()
+        unexpected, self.unexpected = dict(self.unexpected), Counter()
 
         lost = dup = 0
         for sub in self.subs:
@@ -327,11 +388,14 @@ class Subscribers:
             "ok": True,
             "latencies_ns": latencies,
             "seconds": seconds,
+            "loop_lag_ns": self.loop_lag.take(w0, w1),
+            "to_accept_ns": to_accept,
+            "accept_to_receive_ns": to_receive,
             "received_in_window": in_window,
             "lost": lost,
             "dup": dup,
             "closed": dict(closed),
-            "unexpected": dict(self.unexpected),
+            "unexpected": unexpected,
         }
 
 

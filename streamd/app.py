@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from importlib import resources
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,18 +12,19 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
-from streamd import http_api, store
+from streamd import http_api, http_feeds, http_lists, store
 from streamd.auth import Auth
 from streamd.errors import StreamdError, Unavailable, from_status
 from streamd.fanout import FanoutWorker
-from streamd.gateway import websocket_handler
-from streamd.http_api import AUTH, SCRIPTS, SETTINGS, json_response
+from streamd.gateway import make_recheck, websocket_handler
+from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
 from streamd.hub import Hub
+from streamd.lists import Lists
+from streamd.ratelimit import KeyedLimiter
 from streamd.settings import Settings
 
 log = logging.getLogger("streamd.app")
 
-REDIS = web.AppKey("redis", object)
 HUB = web.AppKey("hub", Hub)
 WORKER_STOP = web.AppKey("worker_stop", asyncio.Event)
 
@@ -46,6 +48,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response(Unavailable("storage is unavailable, try again").body(), status=503)
 
 
+OPENAPI = resources.files("streamd").joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -67,10 +76,18 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = store.connect(redis_url, settings)
+        scripts = store.Scripts.register(client)
         app[REDIS] = client
-        app[AUTH] = Auth(client, settings.admin_token)
-        app[SCRIPTS] = store.Scripts.register(client)
+        app[SCRIPTS] = scripts
+        app[AUTH] = auth = Auth(client, scripts, settings.admin_token, settings.posts_per_minute)
+        app[LISTS] = lists = Lists(client, scripts, settings)
+        try:
+            await auth.load_embed_secret(settings.embed_secret)
+        except (RedisError, OSError) as err:
+            # Redis may come up later; embed tokens are refused until a restart.
+            log.warning("embed tokens disabled: could not load the secret (%s)", err)
         async with Hub(client, settings) as hub:
+            hub.recheck = make_recheck(hub, lists)
             app[HUB] = hub
             yield
         await client.aclose()
@@ -93,11 +110,16 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         app.cleanup_ctx.append(worker)
     app.on_shutdown.append(on_shutdown)
 
+    limiter = KeyedLimiter(settings.connections_per_second, settings.connections_burst)
+
     async def ws(request: web.Request) -> web.StreamResponse:
-        return await websocket_handler(request, app[HUB], app[AUTH], settings)
+        return await websocket_handler(request, app[HUB], app[AUTH], app[LISTS], limiter, settings)
 
     app.router.add_get("/v1/ws", ws)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_routes(http_api.routes)
+    app.router.add_routes(http_lists.routes)
+    app.router.add_routes(http_feeds.routes)
     return app

@@ -1,11 +1,13 @@
-"""Users and tokens: who is calling.
+"""Who is calling: the admin token, user tokens and signed embed tokens.
 
-Tokens are random and stored only as their SHA-256; a token record names its
-user and its token id (the handle used to revoke it).
+User tokens are random and stored only as their SHA-256; a token record names
+its user and its token id (the handle used to revoke it). Embed tokens are
+HMAC-signed, carry one feed and an expiry, and are read-only.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -17,18 +19,22 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamd import keys
-from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited, Unauthorized
 from streamd.feeds import valid_handle
+from streamd.store import Scripts
 
 USER_TOKEN_PREFIX = "sdu_"
+EMBED_TOKEN_PREFIX = "sde_"
 MAX_DISPLAY_NAME_CHARS = 64
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    kind: str  # "admin" or "user"
-    handle: str | None = None
-    token_id: str | None = None
+    kind: str  # "admin", "user" or "embed"
+    handle: str | None = None  # user: the user; embed: who issued it
+    token_id: str | None = None  # user tokens only
+    feed: str | None = None  # embed tokens only: the one feed they may read
+    expires_at: float | None = None  # embed tokens only (Unix seconds)
 
     @property
     def is_admin(self) -> bool:
@@ -51,22 +57,84 @@ def bearer(header: str | None) -> str | None:
     return value.strip()
 
 
-class Auth:
-    def __init__(self, client: aioredis.Redis, admin_token: str | None) -> None:
-        self._redis = client
-        self._admin_token = admin_token
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-    async def principal(self, token: str | None) -> Principal | None:
-        """The caller for a token; None when no token was given; Unauthorized if unknown."""
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign_embed_token(secret: bytes, feed: str, issuer: str, expires_at: int) -> str:
+    payload = _b64(orjson.dumps({"f": feed, "i": issuer, "e": expires_at, "n": secrets.token_hex(4)}))
+    mac = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
+    return f"{EMBED_TOKEN_PREFIX}{payload}.{_b64(mac)}"
+
+
+def verify_embed_token(secret: bytes, token: str, now: float) -> Principal | None:
+    """The embed principal of a well-signed, unexpired token; None otherwise."""
+    body = token[len(EMBED_TOKEN_PREFIX) :]
+    payload, _, mac = body.partition(".")
+    try:
+        expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, _unb64(mac)):
+            return None
+        claims = orjson.loads(_unb64(payload))
+        feed, issuer, expires_at = claims["f"], claims["i"], claims["e"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(expires_at, int) or expires_at <= now:
+        return None
+    return Principal("embed", handle=issuer, feed=feed, expires_at=float(expires_at))
+
+
+class Auth:
+    def __init__(self, client: aioredis.Redis, scripts: Scripts, admin_token: str | None, posts_per_minute: int) -> None:
+        self._redis = client
+        self._scripts = scripts
+        self._admin_token = admin_token
+        self._posts_per_minute = posts_per_minute
+        self._embed_secret: bytes | None = None
+
+    async def load_embed_secret(self, configured: str | None) -> None:
+        """The configured secret, else one kept in Redis (the first gateway makes it)."""
+        if configured:
+            self._embed_secret = configured.encode()
+            return
+        await self._redis.set(keys.EMBED_SECRET, secrets.token_hex(32), nx=True)
+        self._embed_secret = await self._redis.get(keys.EMBED_SECRET)
+
+    def issue_embed_token(self, feed: str, issuer: str, ttl_seconds: int) -> tuple[str, int]:
+        assert self._embed_secret is not None
+        expires_at = int(time.time()) + ttl_seconds
+        return sign_embed_token(self._embed_secret, feed, issuer, expires_at), expires_at
+
+    async def principal(self, token: str | None, *, count_post: bool = False) -> Principal | None:
+        """The caller for a token; None when no token was given; Unauthorized if unknown.
+
+        With `count_post`, a user token's use counts against its posts-per-minute
+        budget, and RateLimited is raised past it.
+        """
         if token is None:
             return None
         if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
             return ADMIN
         if token.startswith(USER_TOKEN_PREFIX):
-            raw = await self._redis.get(keys.token(digest(token)))
-            if raw is not None:
+            token_digest = digest(token)
+            window = int(time.time() // 60)
+            raw, uses = await self._scripts.token_use(
+                keys=[keys.token(token_digest), keys.post_rate(token_digest, window)],
+                args=[1 if count_post else 0],
+            )
+            if raw:
+                if uses > self._posts_per_minute:
+                    raise RateLimited(f"at most {self._posts_per_minute} posts per minute per token")
                 record = orjson.loads(raw)
                 return Principal("user", record["handle"], record["token_id"])
+        elif token.startswith(EMBED_TOKEN_PREFIX) and self._embed_secret is not None:
+            embed = verify_embed_token(self._embed_secret, token, time.time())
+            if embed is not None:
+                return embed
         raise Unauthorized("unknown, revoked or expired token")
 
     async def require_admin(self, token: str | None) -> Principal:
@@ -77,12 +145,21 @@ class Auth:
             raise Forbidden("this needs the admin token")
         return who
 
-    async def require_user(self, token: str | None) -> Principal:
-        who = await self.principal(token)
+    async def require_user(self, token: str | None, *, count_post: bool = False) -> Principal:
+        who = await self.principal(token, count_post=count_post)
         if who is None:
             raise Unauthorized("this needs a user token")
         if who.kind != "user":
             raise Forbidden("this needs a user token")
+        return who
+
+    async def require_writer(self, token: str | None) -> Principal:
+        """A user or the admin: embed tokens are read-only."""
+        who = await self.principal(token)
+        if who is None:
+            raise Unauthorized("this needs a user token or the admin token")
+        if who.kind == "embed":
+            raise Forbidden("embed tokens are read-only")
         return who
 
     async def create_user(self, handle: Any, display_name: Any) -> tuple[dict[str, Any], str, str]:
@@ -114,15 +191,17 @@ class Auth:
         return token, token_id
 
     async def revoke_token(self, handle: str, token_id: str) -> None:
+        """Delete the token and tell every gateway to close the sockets using it (4001)."""
         token_digest = await self._redis.hget(keys.user_tokens(handle), token_id)
         if token_digest is None:
             raise NotFound("no such token")
         await self._redis.delete(keys.token(token_digest.decode()))
         await self._redis.hdel(keys.user_tokens(handle), token_id)
+        await self._redis.publish(keys.CONTROL_CHANNEL, orjson.dumps({"revoked": token_id}))
 
     @staticmethod
     def may_act_for(who: Principal | None, handle: str) -> None:
         if who is None:
             raise Unauthorized("this needs a token")
-        if not (who.is_admin or who.handle == handle):
+        if not (who.is_admin or (who.kind == "user" and who.handle == handle)):
             raise Forbidden("only that user or admin may do this")

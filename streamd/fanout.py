@@ -26,7 +26,7 @@ from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
 from streamd import keys
 from streamd.feeds import expand
-from streamd.posts import build_post
+from streamd.posts import build_post, post_id_for
 from streamd.settings import Settings
 from streamd.store import Scripts
 
@@ -52,6 +52,7 @@ class FanoutWorker:
         self._settings = settings
         self._scripts = Scripts.register(client)
         self.consumer = consumer or consumer_name()
+        self._shard = shard
         self._stream = keys.ingest_stream(shard)
         self._dead = keys.dead_letter_stream(shard)
         self.processed = 0
@@ -139,27 +140,43 @@ class FanoutWorker:
         """
         pipe = self._redis.pipeline(transaction=False)
         epoch = secrets.token_hex(4)
-        maxlen = self._settings.feed_history_len
         done: list[bytes] = []
         for raw_id, fields in entries:
-            entry_id = raw_id.decode()
             try:
-                author = fields[b"a"].decode()
-                post = build_post(entry_id, author, fields[b"d"])
+                await self._plan(pipe, raw_id.decode(), fields, epoch)
             except (KeyError, ValueError, TypeError) as err:
                 await self._dead_letter(raw_id, fields, f"unparseable ingest entry: {err!r}")
                 continue
-            post_json = orjson.dumps(post)
-            for feed in expand(author, post["events"]):
-                await self._scripts.feed_append(
-                    keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
-                    args=[keys.feed_channel(feed), feed, entry_id, post_json, maxlen, epoch],
-                    client=pipe,
-                )
             done.append(raw_id)
         if done:
             await pipe.execute()
         return done
+
+    async def _plan(self, pipe: Any, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> None:
+        """Queue the feed writes of one ingest entry: a post, or the delete of one."""
+        if b"x" in fields:
+            post_id = fields[b"x"].decode()
+            feeds = orjson.loads(fields[b"f"])
+            if not isinstance(feeds, list):
+                raise TypeError("feeds of a delete must be a list")
+            for feed in feeds:
+                await self._scripts.feed_delete(
+                    keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                    args=[keys.feed_channel(feed), feed, post_id, epoch],
+                    client=pipe,
+                )
+            return
+        author = fields[b"a"].decode()
+        post_id = post_id_for(entry_id, self._shard, self._settings.ingest_shards)
+        post = build_post(post_id, author, fields[b"d"])
+        lists = orjson.loads(fields.get(b"l", b"[]"))
+        post_json = orjson.dumps(post)
+        for feed in expand(author, post["events"], lists):
+            await self._scripts.feed_append(
+                keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                args=[keys.feed_channel(feed), feed, post_id, post_json, self._settings.feed_history_len, epoch],
+                client=pipe,
+            )
 
     async def _dead_letter(self, raw_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}

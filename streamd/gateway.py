@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
 from streamd import cursors, history
-from streamd.auth import Auth, Principal, bearer
+from streamd.access import can_read
+from streamd.auth import Auth, Principal
 from streamd.cursors import Handoff
-from streamd.errors import CloseCode, NotFound, StreamdError, TooManySubscriptions
+from streamd.errors import CloseCode, NotFound, RateLimited, StreamdError, TooManySubscriptions
 from streamd.feeds import parse_feed
+from streamd.http_base import token_of
 from streamd.hub import Connection, Hub
+from streamd.lists import Lists
 from streamd.protocol import (
     ClientOp,
     error_frame,
@@ -27,7 +32,9 @@ from streamd.protocol import (
     subscribed_frame,
     unsubscribed_frame,
 )
+from streamd.ratelimit import Bucket, KeyedLimiter
 from streamd.settings import Settings
+from streamd.wsframe import text_frame
 
 log = logging.getLogger("streamd.gateway")
 
@@ -37,13 +44,21 @@ REPLAY_DRAIN_SECONDS = 30.0
 class Session:
     """The request side of one socket: parses ops and answers them."""
 
-    def __init__(self, hub: Hub, auth: Auth, settings: Settings, conn: Connection) -> None:
+    def __init__(self, hub: Hub, auth: Auth, lists: Lists, settings: Settings, conn: Connection) -> None:
         self.hub = hub
         self.auth = auth
+        self.lists = lists
         self.settings = settings
         self.conn = conn
         self.principal: Principal | None = None
         self.malformed = 0
+        self.frames = Bucket.full(settings.frames_per_second, settings.frames_burst, time.monotonic())
+
+    def within_rate(self, now: float) -> bool:
+        if self.frames.take(now):
+            return True
+        self.hub.kill(self.conn, CloseCode.RATE_LIMITED, "too many frames; slow down")
+        return False
 
     async def handle_text(self, text: str) -> None:
         try:
@@ -77,15 +92,10 @@ class Session:
             self.hub.detach(op.feed, self.conn)
             self.hub.send(self.conn, unsubscribed_frame(op.ref, op.feed))
 
-    async def check_readable(self, feed: str) -> None:
-        if not parse_feed(feed).public:
-            # Curated lists are not served yet: to everyone they do not exist.
-            raise NotFound("no such feed", feed=feed)
-
     async def subscribe(self, op: ClientOp) -> None:
         feed = op.feed
         assert feed is not None
-        await self.check_readable(feed)
+        await self.lists.check_feed_readable(self.principal, feed)
         hub, conn = self.hub, self.conn
         if hub.is_subscribed(feed, conn):
             snap = await history.snapshot(hub.redis, feed, 1)
@@ -147,14 +157,21 @@ class Session:
             await asyncio.sleep(0.005)
 
 
-async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings: Settings) -> web.StreamResponse:
-    principal: Principal | None = None
-    token = request.query.get("token")
-    header = request.headers.get("Authorization")
-    if header:
-        token = bearer(header)
-    if token is not None:
-        principal = await auth.principal(token)  # Unauthorized before the upgrade: HTTP 401
+def client_ip(request: web.Request, settings: Settings) -> str:
+    if settings.trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.remote or "?"
+
+
+async def websocket_handler(
+    request: web.Request, hub: Hub, auth: Auth, lists: Lists, limiter: KeyedLimiter, settings: Settings
+) -> web.StreamResponse:
+    if not limiter.allow(client_ip(request, settings), time.monotonic()):
+        raise RateLimited("too many new connections from this address; retry shortly")
+    token = token_of(request)
+    principal = await auth.principal(token) if token is not None else None  # Unauthorized: HTTP 401
 
     ws = web.WebSocketResponse(
         max_msg_size=settings.max_frame_bytes,
@@ -165,7 +182,7 @@ async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings
     transport = request.transport
     assert transport is not None
     conn = Connection(ws, transport)
-    session = Session(hub, auth, settings, conn)
+    session = Session(hub, auth, lists, settings, conn)
     session.principal = principal
     conn.principal = principal
     hub.add(conn)
@@ -174,7 +191,8 @@ async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings
         while True:
             msg = await ws.receive()
             if msg.type == WSMsgType.TEXT:
-                await session.handle_text(msg.data)
+                if session.within_rate(time.monotonic()):
+                    await session.handle_text(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 hub.kill(conn, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send JSON text")
             else:  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp closed with 1009 on an oversized frame)
@@ -185,3 +203,15 @@ async def websocket_handler(request: web.Request, hub: Hub, auth: Auth, settings
         if not conn.closed:
             hub.remove(conn)
     return ws
+
+
+def make_recheck(hub: Hub, lists: Lists) -> Callable[[str, list[Connection]], Awaitable[None]]:
+    """What the hub runs when a feed's access changed: evict who may no longer read it."""
+
+    async def recheck(feed: str, conns: list[Connection]) -> None:
+        record = await lists.record(parse_feed(feed).name)
+        denied = [c for c in conns if not can_read(c.principal, parse_feed(feed), record)]
+        if denied:
+            hub.evict(feed, denied, text_frame(error_frame(NotFound("no such list", feed=feed))))
+
+    return recheck

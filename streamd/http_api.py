@@ -1,54 +1,24 @@
-"""HTTP routes: users and tokens, posting, health."""
+"""HTTP routes: users and tokens, posts, embed tokens."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import orjson
 from aiohttp import web
 
 from streamd import keys
-from streamd.auth import Auth, bearer
-from streamd.errors import BadRequest
-from streamd.posts import build_post, ingest_shard, validate_new_post
-from streamd.settings import Settings
-from streamd.store import Scripts
-
-SETTINGS = web.AppKey("settings", Settings)
-AUTH = web.AppKey("auth", Auth)
-SCRIPTS = web.AppKey("scripts", Scripts)
+from streamd.errors import BadRequest, Forbidden, NotFound
+from streamd.feeds import expand, parse_feed
+from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response, read_object, token_of
+from streamd.posts import build_post, ingest_shard, shard_of_post, valid_post_id, validate_new_post
 
 routes = web.RouteTableDef()
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
-
-
-async def read_json(request: web.Request) -> Any:
-    raw = await request.read()  # aiohttp enforces client_max_size (413)
-    if not raw:
-        raise BadRequest("request body is empty: send a JSON object")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("request body is not valid JSON") from None
-
-
-def token_of(request: web.Request) -> str | None:
-    return bearer(request.headers.get("Authorization"))
 
 
 @routes.post("/v1/users")
 async def create_user(request: web.Request) -> web.Response:
     auth = request.app[AUTH]
     await auth.require_admin(token_of(request))
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    unknown = body.keys() - {"handle", "display_name"}
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    body = await read_object(request, frozenset({"handle", "display_name"}))
     user, token, token_id = await auth.create_user(body.get("handle"), body.get("display_name"))
     return json_response({"user": user, "token": token, "token_id": token_id}, status=201)
 
@@ -81,18 +51,81 @@ async def revoke_token(request: web.Request) -> web.Response:
 @routes.post("/v1/posts")
 async def create_post(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
-    who = await request.app[AUTH].require_user(token_of(request))
+    who = await request.app[AUTH].require_user(token_of(request), count_post=True)
     author = who.handle
     assert author is not None
-    new = validate_new_post(await read_json(request), settings)
+    new = validate_new_post(await read_object(request, frozenset({"text", "events", "media", "idempotency_key"})), settings)
+    # Lists are read now: the post reaches the lists its author is in when accepted.
+    lists = await request.app[LISTS].memberships(author)
+    feeds = expand(author, new.events, lists)
     shard = ingest_shard(author, settings.ingest_shards)
     stream = keys.ingest_stream(shard)
     key_digest = new.idempotency_digest()
-    idem_key = keys.idempotency(shard, author, key_digest) if key_digest else stream
-    ttl = settings.idempotency_ttl_seconds if key_digest else 0
-    created, entry_id, body_json = await request.app[SCRIPTS].ingest_post(
-        keys=[stream, idem_key], args=[author, new.body_json(), ttl]
+    created, post_id, body_json = await request.app[SCRIPTS].ingest_post(
+        keys=[stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, keys.post_record(shard, "")],
+        args=[
+            author,
+            new.body_json(),
+            orjson.dumps(lists),
+            orjson.dumps(feeds),
+            settings.idempotency_ttl_seconds if key_digest else 0,
+            settings.post_retention_seconds,
+            shard,
+            settings.ingest_shards,
+        ],
     )
-    post = build_post(entry_id.decode(), author, body_json)
+    post = build_post(post_id.decode(), author, body_json)
     headers = None if created else {"Idempotent-Replayed": "true"}
     return json_response({"post": post}, status=201, headers=headers)
+
+
+def _post_key(request: web.Request) -> tuple[str, int]:
+    post_id = request.match_info["post_id"]
+    if not valid_post_id(post_id):
+        raise NotFound(f"no post {post_id[:40]!r}")
+    return post_id, shard_of_post(post_id, request.app[SETTINGS].ingest_shards)
+
+
+@routes.get("/v1/posts/{post_id}")
+async def get_post(request: web.Request) -> web.Response:
+    await request.app[AUTH].principal(token_of(request))  # a bad token is still 401
+    post_id, shard = _post_key(request)
+    author, body, deleted = await request.app[REDIS].hmget(keys.post_record(shard, post_id), "a", "d", "deleted")
+    if author is None or deleted:
+        raise NotFound(f"no post {post_id!r}")
+    # Every post is in its author's feed, which is public.
+    return json_response({"post": build_post(post_id, author.decode(), body)})
+
+
+@routes.delete("/v1/posts/{post_id}")
+async def delete_post(request: web.Request) -> web.Response:
+    who = await request.app[AUTH].require_writer(token_of(request))
+    post_id, shard = _post_key(request)
+    result = await request.app[SCRIPTS].post_delete(
+        keys=[keys.post_record(shard, post_id), keys.ingest_stream(shard)],
+        args=[post_id, "" if who.is_admin else who.handle or ""],
+    )
+    if result == 0:
+        raise NotFound(f"no post {post_id!r}")
+    if result == -1:
+        raise Forbidden("only the post's author or admin may delete it")
+    return web.Response(status=204)
+
+
+@routes.post("/v1/embed-tokens")
+async def create_embed_token(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    auth = request.app[AUTH]
+    who = await auth.require_writer(token_of(request))
+    body = await read_object(request, frozenset({"feed", "ttl_seconds"}))
+    feed = parse_feed(body.get("feed"))
+    ttl = body.get("ttl_seconds", 3600)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= settings.max_embed_ttl_seconds:
+        raise BadRequest(f"ttl_seconds must be an integer from 1 to {settings.max_embed_ttl_seconds}")
+    if feed.kind == "list":
+        await request.app[LISTS].managed(who, feed.name)
+    elif not (who.is_admin or (feed.kind == "user" and who.handle == feed.name)):
+        raise Forbidden("only the feed's owner or admin may issue embed tokens for it")
+    issuer = who.handle or "admin"
+    token, expires_at = auth.issue_embed_token(str(feed), issuer, ttl)
+    return json_response({"token": token, "feed": str(feed), "expires_at": expires_at}, status=201)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 
+import orjson
+
 from streamd import cursors, history, keys
+from streamd.auth import Principal
 from streamd.cursors import EntryId, Handoff
 from streamd.errors import CloseCode, Unavailable
 from streamd.live import LiveChannels
@@ -56,7 +59,7 @@ class Connection:
         self.closed = False
         self.last_write = 0.0
         self.feeds: set[str] = set()
-        self.principal: object = None
+        self.principal: Principal | None = None
 
 
 class FeedState:
@@ -87,14 +90,20 @@ class Hub:
         self._dirty: list[Connection] = []
         self._flush_handle: asyncio.Handle | None = None
         self._loop = asyncio.get_running_loop()
-        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()  # background work
+        self._closing: set[asyncio.Future[None]] = set()  # sockets being closed
         self.live = LiveChannels(client, self._on_message, self._resync_all)
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._control = keys.CONTROL_CHANNEL.encode()
+        # Set by the gateway: re-checks who may still read a feed whose access
+        # changed (a list made private).
+        self.recheck: Callable[[str, list[Connection]], Awaitable[None]] | None = None
         self.slow_closes = 0
         self.delivered = 0
 
     async def __aenter__(self) -> Hub:
         await self.live.__aenter__()
+        self._keep(asyncio.ensure_future(self.live.subscribe(self._control)))
         self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="streamd-heartbeats")
         return self
 
@@ -102,8 +111,11 @@ class Hub:
         if self._heartbeat_task:
             self._heartbeat_task.cancel()
         await self.live.__aexit__(*exc)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        pending = self._tasks | self._closing
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- subscriptions -------------------------------------------------------
 
@@ -159,9 +171,7 @@ class Hub:
             del self._by_channel[st.channel]
             if st.ready is not None and not st.ready.done():
                 st.ready.cancel()
-            task = asyncio.ensure_future(self.live.unsubscribe(st.channel))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._keep(asyncio.ensure_future(self.live.unsubscribe(st.channel)))
 
     def is_subscribed(self, feed: str, conn: Connection) -> bool:
         return feed in conn.feeds
@@ -171,6 +181,11 @@ class Hub:
     def _on_message(self, channel: bytes, data: bytes) -> None:
         st = self._by_channel.get(channel)
         if st is None:
+            if channel == self._control:
+                self._on_control(data)
+            return
+        if data[:1] == b"!":
+            self._on_feed_control(st, data)
             return
         space = data.find(b" ")
         raw_id = data[:space]
@@ -182,6 +197,39 @@ class Hub:
         elif entry > st.last:
             st.last = entry
             self._deliver(st, entry, frame)
+
+    def _on_feed_control(self, st: FeedState, data: bytes) -> None:
+        conns = [*st.live, *st.syncing]
+        if data == b"!acl":
+            if self.recheck is not None and conns:
+                self._keep(asyncio.ensure_future(self.recheck(st.feed, conns)))
+        elif data.startswith(b"! "):
+            # The feed is gone (a deleted list): tell its readers, then drop them.
+            self.evict(st.feed, conns, text_frame(data[2:]))
+
+    def evict(self, feed: str, conns: list[Connection], frame: bytes) -> None:
+        """Send `frame` (an error) to `conns` and unsubscribe them from `feed`."""
+        for conn in conns:
+            self.detach(feed, conn)
+            self.push(conn, frame)
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a malformed control message")
+            return
+        revoked = message.get("revoked") if isinstance(message, dict) else None
+        if revoked:
+            for conn in list(self.connections):
+                if conn.principal is not None and conn.principal.token_id == revoked:
+                    self.kill(conn, CloseCode.TOKEN_REVOKED, "the token was revoked")
+
+    def _keep(self, task: asyncio.Future[None], group: set[asyncio.Future[None]] | None = None) -> None:
+        """Hold a reference to a background task until it ends."""
+        group = self._tasks if group is None else group
+        group.add(task)
+        task.add_done_callback(group.discard)
 
     def _deliver(self, st: FeedState, entry: EntryId, frame: bytes) -> None:
         for conn, handoff in st.syncing.items():
@@ -280,9 +328,7 @@ class Hub:
         else:
             self.write_now(conn)  # what was said before the close still goes out
         self.remove(conn)
-        task = asyncio.ensure_future(self._close(conn, code, message))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._keep(asyncio.ensure_future(self._close(conn, code, message)), self._closing)
 
     async def _close(self, conn: Connection, code: int, message: str) -> None:
         try:
@@ -307,9 +353,13 @@ class Hub:
         while True:
             await asyncio.sleep(min(quiet / 5, 5.0))
             now = self._loop.time()
-            frame = text_frame(heartbeat_frame(int(time.time() * 1000)))
+            wall = time.time()
+            frame = text_frame(heartbeat_frame(int(wall * 1000)))
             for conn in list(self.connections):
-                if now - conn.last_write >= quiet and not conn.closed:
+                expires = conn.principal.expires_at if conn.principal is not None else None
+                if expires is not None and expires <= wall:
+                    self.kill(conn, CloseCode.TOKEN_REVOKED, "the token expired")
+                elif now - conn.last_write >= quiet and not conn.closed:
                     self.push(conn, frame)
 
     async def _resync_all(self) -> None:

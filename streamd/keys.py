@@ -5,9 +5,14 @@ Keys that are touched together by one command or script share a hash tag
 slot:
 
     {f:<feed>}          a feed: history stream, meta hash, post index, live channel
-    {in:<shard>}        an ingest stream shard and its dead-letter stream
-    {u:<handle>}        a user record and the ids of its tokens
-    {t:<sha256>}        one token, looked up by the hash of its secret
+    {in:<shard>}        an ingest stream shard, its dead letters, idempotency
+                        keys and the records of the posts accepted through it
+    {u:<handle>}        a user record, the ids of its tokens, the lists it owns
+    {t:<sha256>}        one token, looked up by the hash of its secret, and its rate counter
+    {l:<id>}            a list record
+    {m}                 every list membership, both directions: one slot so
+                        that a member set and the reverse index change together
+    {ctl}               process-wide control channel (token revocations)
 """
 
 from __future__ import annotations
@@ -68,3 +73,34 @@ def token(digest: str) -> str:
 def idempotency(shard: int, author: str, key_digest: str) -> str:
     """Lives beside its ingest shard so the check and the append are one script."""
     return f"{PREFIX}:{{in:{shard}}}:idem:{author}:{key_digest}"
+
+
+def post_record(shard: int, post_id: str) -> str:
+    """Hash: the post JSON, its author, the feeds it reached, `deleted` once deleted."""
+    return f"{PREFIX}:{{in:{shard}}}:post:{post_id}"
+
+
+def post_rate(token_digest: str, window: int) -> str:
+    return f"{PREFIX}:{{t:{token_digest}}}:rate:{window}"
+
+
+def list_record(list_id: str) -> str:
+    return f"{PREFIX}:{{l:{list_id}}}:list"
+
+
+def lists_owned(handle: str) -> str:
+    """Sorted set of list ids owned by the user, scored by creation time."""
+    return f"{PREFIX}:{{u:{handle}}}:lists"
+
+
+def list_members(list_id: str) -> str:
+    return f"{PREFIX}:{{m}}:members:{list_id}"
+
+
+def member_of(handle: str) -> str:
+    """The reverse index: ids of the lists the user is a member of."""
+    return f"{PREFIX}:{{m}}:member-of:{handle}"
+
+
+CONTROL_CHANNEL = f"{PREFIX}:{{ctl}}:control"
+EMBED_SECRET = f"{PREFIX}:{{ctl}}:embed-secret"

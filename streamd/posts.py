@@ -9,6 +9,7 @@ the same bytes from it.
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -116,13 +117,33 @@ def ingest_shard(author: str, shards: int) -> int:
     return zlib.crc32(author.encode()) % shards if shards > 1 else 0
 
 
-def build_post(entry_id: str, author: str, body_json: bytes | str) -> dict[str, Any]:
+POST_ID_RE = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+def post_id_for(entry_id: str, shard: int, shards: int) -> str:
+    """The post id of an ingest entry: unique across shards (the sequence part
+    encodes the shard), time-ordered, and the entry id itself with one shard."""
+    if shards == 1:
+        return entry_id
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq) * shards + shard}"
+
+
+def shard_of_post(post_id: str, shards: int) -> int:
+    return int(post_id.partition("-")[2]) % shards
+
+
+def valid_post_id(post_id: str) -> bool:
+    return POST_ID_RE.fullmatch(post_id) is not None
+
+
+def build_post(post_id: str, author: str, body_json: bytes | str) -> dict[str, Any]:
     body = orjson.loads(body_json)
     return {
-        "id": entry_id,
+        "id": post_id,
         "author": author,
         "text": body["text"],
         "events": body["events"],
         "media": body["media"],
-        "created_at": int(entry_id.partition("-")[0]),
+        "created_at": int(post_id.partition("-")[0]),
     }

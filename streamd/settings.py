@@ -29,6 +29,21 @@ class Settings:
     max_backlog: int = 100
     max_malformed_frames: int = 10
 
+    # Rate limits and sizes of the model.
+    posts_per_minute: int = 600  # per token
+    connections_per_second: float = 20.0  # new sockets per client IP
+    connections_burst: int = 50
+    frames_per_second: float = 50.0  # client frames per socket; past the burst: close 4029
+    frames_burst: int = 200
+    # Behind a proxy or load balancer: take the client IP from X-Forwarded-For.
+    trust_forwarded_for: bool = False
+    max_lists_per_user: int = 100
+    max_list_members: int = 10_000
+    max_embed_ttl_seconds: int = 30 * 24 * 3600
+    # None: a random secret is kept in Redis and shared by every gateway.
+    embed_secret: str | None = None
+    post_retention_seconds: int = 30 * 24 * 3600
+
     # Delivery.
     feed_history_len: int = 10_000
     socket_buffer_bytes: int = 512 * 1024

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -27,12 +27,17 @@ def _load(name: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Scripts:
+    """Every Lua script, loaded once per client (`scripts/<name>.lua`)."""
+
     feed_append: AsyncScript
+    feed_delete: AsyncScript
+    feed_remove: AsyncScript
     ingest_post: AsyncScript
+    post_delete: AsyncScript
+    list_member: AsyncScript
+    list_clear: AsyncScript
+    token_use: AsyncScript
 
     @classmethod
     def register(cls, client: aioredis.Redis) -> Scripts:
-        return cls(
-            feed_append=client.register_script(_load("feed_append.lua")),
-            ingest_post=client.register_script(_load("ingest_post.lua")),
-        )
+        return cls(**{f.name: client.register_script(_load(f"{f.name}.lua")) for f in fields(cls)})

@@ -5,15 +5,15 @@
 -- ARGV[4] post JSON        ARGV[5] max history length
 -- ARGV[6] epoch to adopt if the feed has none yet
 --
--- Returns the item's entry id. A post already in the feed (a redelivered
--- ingest entry) is neither appended nor published again: the index answers.
+-- Returns the item's entry id, or false when nothing was appended: the post
+-- is already in the feed (a redelivered ingest entry), was deleted before it
+-- got here, or the feed itself was deleted (a list).
 local stream, meta, index = KEYS[1], KEYS[2], KEYS[3]
 local channel, feed, post_id, post_json = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxlen = tonumber(ARGV[5])
 
-local existing = redis.call('HGET', index, post_id)
-if existing then
-  return existing
+if redis.call('HEXISTS', index, post_id) == 1 or redis.call('HEXISTS', meta, 'deleted') == 1 then
+  return false
 end
 
 local epoch = redis.call('HGET', meta, 'epoch')
