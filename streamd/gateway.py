@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
+from redis.exceptions import RedisError
 
 from streamd import cursors, history
 from streamd.access import can_read
 from streamd.auth import Auth, Principal
 from streamd.cursors import Handoff
-from streamd.errors import CloseCode, NotFound, RateLimited, StreamdError, TooManySubscriptions
+from streamd.errors import CloseCode, NotFound, RateLimited, StreamdError, TooManySubscriptions, Unavailable
 from streamd.feeds import parse_feed
 from streamd.http_base import token_of
 from streamd.hub import Connection, Hub
@@ -72,10 +73,16 @@ class Session:
         try:
             await self.dispatch(op)
         except StreamdError as err:
-            err.ref = op.ref
-            if err.feed is None and op.feed is not None:
-                err.feed = op.feed
-            self.hub.send(self.conn, error_frame(err))
+            self._answer(op, err)
+        except (RedisError, OSError) as err:
+            log.warning("redis unavailable during %s: %r", op.op, err)
+            self._answer(op, Unavailable("storage is unavailable, try again"))
+
+    def _answer(self, op: ClientOp, err: StreamdError) -> None:
+        err.ref = op.ref
+        if err.feed is None and op.feed is not None:
+            err.feed = op.feed
+        self.hub.send(self.conn, error_frame(err))
 
     async def dispatch(self, op: ClientOp) -> None:
         if op.op == "ping":
@@ -199,6 +206,10 @@ async def websocket_handler(
                 break
     except (ConnectionError, asyncio.CancelledError):
         pass
+    except Exception:
+        # The socket is upgraded: an HTTP error page can no longer be sent.
+        log.exception("websocket session failed")
+        hub.kill(conn, WSCloseCode.INTERNAL_ERROR, "internal error")
     finally:
         if not conn.closed:
             hub.remove(conn)

@@ -12,13 +12,17 @@ from streamd.settings import Settings
 
 
 def connect(url: str, settings: Settings) -> aioredis.Redis:
-    """A pooled client. The pool is sized on purpose: redis-py raises past it."""
-    return aioredis.Redis.from_url(
+    """A pooled client. The pool is bounded, and a burst past it waits for a
+    free connection (up to 5 s) instead of failing: a reconnect storm makes
+    thousands of concurrent subscribes."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_pool_size,
+        timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def _load(name: str) -> str:

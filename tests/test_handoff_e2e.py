@@ -78,3 +78,22 @@ async def test_one_redis_subscription_per_feed_per_process(api: Api, ws_connect:
             break
         await asyncio.sleep(0.01)
     assert await numsub() == 0
+
+
+async def test_a_burst_of_subscribes_larger_than_the_redis_pool(
+    start_server: Any, settings: Any, session: Any
+) -> None:
+    """Hundreds of sockets subscribing at once (a reconnect storm) wait for a
+    pooled Redis connection instead of failing."""
+    srv = await start_server(settings.replace(redis_pool_size=4))
+    url = srv.make_url("/v1/ws")
+    sockets = await asyncio.gather(*(session.ws_connect(url) for _ in range(150)))
+
+    async def subscribe(i: int, ws: Any) -> dict[str, Any]:
+        await ws.send_json({"op": "subscribe", "feed": f"event:storm-{i % 20}", "backlog": 5})
+        reply: dict[str, Any] = await ws.receive_json(timeout=20)
+        return reply
+
+    replies = await asyncio.gather(*(subscribe(i, ws) for i, ws in enumerate(sockets)))
+    assert [r["op"] for r in replies] == ["subscribed"] * 150
+    await asyncio.gather(*(ws.close() for ws in sockets))
