@@ -26,5 +26,13 @@ def can_read(who: Principal | None, feed: Feed, list_record: dict[str, Any] | No
     return who.kind == "embed" and who.feed == str(feed)
 
 
+def can_view_list(who: Principal | None, list_record: dict[str, Any]) -> bool:
+    """A list's record and members: anyone if public; owner and admin if private.
+    An embed token reads a private list's feed, not the list itself."""
+    if list_record["visibility"] == "public":
+        return True
+    return who is not None and (who.is_admin or (who.kind == "user" and who.handle == list_record["owner"]))
+
+
 def can_manage_list(who: Principal | None, list_record: dict[str, Any]) -> bool:
     return who is not None and (who.is_admin or (who.kind == "user" and who.handle == list_record["owner"]))

@@ -17,7 +17,7 @@ from streamd.auth import Auth
 from streamd.errors import StreamdError, Unavailable, from_status
 from streamd.fanout import FanoutWorker
 from streamd.gateway import make_recheck, websocket_handler
-from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
+from streamd.http_base import AUTH, HUB, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
 from streamd.hub import Hub
 from streamd.lists import Lists
 from streamd.ratelimit import KeyedLimiter
@@ -25,10 +25,16 @@ from streamd.settings import Settings
 
 log = logging.getLogger("streamd.app")
 
-HUB = web.AppKey("hub", Hub)
 WORKER_STOP = web.AppKey("worker_stop", asyncio.Event)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_MESSAGES = {
+    400: "bad request (a WebSocket endpoint needs an upgrade request)",
+    404: "no such route",
+    405: "method not allowed on this route",
+}
 
 
 @web.middleware
@@ -40,7 +46,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = from_status(exc.status, exc.reason or "request failed")
+        message = _MESSAGES.get(exc.status, exc.reason or "request failed")
+        if exc.status == 413:
+            message = f"request body is larger than {request.app[SETTINGS].max_body_bytes} bytes"
+        err = from_status(exc.status, message)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_response(err.body(), status=exc.status, headers=headers)
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -79,13 +88,8 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         scripts = store.Scripts.register(client)
         app[REDIS] = client
         app[SCRIPTS] = scripts
-        app[AUTH] = auth = Auth(client, scripts, settings.admin_token, settings.posts_per_minute)
+        app[AUTH] = Auth(client, scripts, settings.admin_token, settings.posts_per_minute, settings.embed_secret)
         app[LISTS] = lists = Lists(client, scripts, settings)
-        try:
-            await auth.load_embed_secret(settings.embed_secret)
-        except (RedisError, OSError) as err:
-            # Redis may come up later; embed tokens are refused until a restart.
-            log.warning("embed tokens disabled: could not load the secret (%s)", err)
         async with Hub(client, settings) as hub:
             hub.recheck = make_recheck(hub, lists)
             app[HUB] = hub

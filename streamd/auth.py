@@ -89,25 +89,37 @@ def verify_embed_token(secret: bytes, token: str, now: float) -> Principal | Non
 
 
 class Auth:
-    def __init__(self, client: aioredis.Redis, scripts: Scripts, admin_token: str | None, posts_per_minute: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        scripts: Scripts,
+        admin_token: str | None,
+        posts_per_minute: int,
+        embed_secret: str | None = None,
+    ) -> None:
         self._redis = client
         self._scripts = scripts
         self._admin_token = admin_token
         self._posts_per_minute = posts_per_minute
+        self._configured_secret = embed_secret
         self._embed_secret: bytes | None = None
 
-    async def load_embed_secret(self, configured: str | None) -> None:
-        """The configured secret, else one kept in Redis (the first gateway makes it)."""
-        if configured:
-            self._embed_secret = configured.encode()
-            return
-        await self._redis.set(keys.EMBED_SECRET, secrets.token_hex(32), nx=True)
-        self._embed_secret = await self._redis.get(keys.EMBED_SECRET)
-
-    def issue_embed_token(self, feed: str, issuer: str, ttl_seconds: int) -> tuple[str, int]:
+    async def embed_secret(self) -> bytes:
+        """The configured secret, else one kept in Redis (the first gateway makes
+        it, every gateway shares it). Loaded on first use, so a gateway that
+        started while Redis was down still gets it."""
+        if self._embed_secret is None:
+            if self._configured_secret:
+                self._embed_secret = self._configured_secret.encode()
+            else:
+                await self._redis.set(keys.EMBED_SECRET, secrets.token_hex(32), nx=True)
+                self._embed_secret = await self._redis.get(keys.EMBED_SECRET)
         assert self._embed_secret is not None
+        return self._embed_secret
+
+    async def issue_embed_token(self, feed: str, issuer: str, ttl_seconds: int) -> tuple[str, int]:
         expires_at = int(time.time()) + ttl_seconds
-        return sign_embed_token(self._embed_secret, feed, issuer, expires_at), expires_at
+        return sign_embed_token(await self.embed_secret(), feed, issuer, expires_at), expires_at
 
     async def principal(self, token: str | None, *, count_post: bool = False) -> Principal | None:
         """The caller for a token; None when no token was given; Unauthorized if unknown.
@@ -131,8 +143,8 @@ class Auth:
                     raise RateLimited(f"at most {self._posts_per_minute} posts per minute per token")
                 record = orjson.loads(raw)
                 return Principal("user", record["handle"], record["token_id"])
-        elif token.startswith(EMBED_TOKEN_PREFIX) and self._embed_secret is not None:
-            embed = verify_embed_token(self._embed_secret, token, time.time())
+        elif token.startswith(EMBED_TOKEN_PREFIX):
+            embed = verify_embed_token(await self.embed_secret(), token, time.time())
             if embed is not None:
                 return embed
         raise Unauthorized("unknown, revoked or expired token")

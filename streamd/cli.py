@@ -1,4 +1,4 @@
-"""`streamd run | gateway | fanout`: the command line."""
+"""`streamd run | gateway | fanout | tail | post`: the command line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from streamd import __version__, logs, store
+from streamd import __version__, logs, store, tail
 from streamd.app import make_app
 from streamd.embedded import EmbeddedError, EmbeddedRedis
 from streamd.fanout import FanoutWorker
@@ -43,11 +43,29 @@ def parser() -> argparse.ArgumentParser:
     _add_common(gateway, http=True, redis_required=True)
     fanout = sub.add_parser("fanout", help="fan-out worker")
     _add_common(fanout, http=False, redis_required=True)
+    watch = sub.add_parser("tail", help="print feeds live in the terminal")
+    watch.add_argument("feeds", nargs="+", metavar="FEED", help="user:<handle>, list:<id> or event:<slug>")
+    watch.add_argument("--backlog", type=int, default=0, help="first show the last N items of each feed (0..100)")
+    _add_client(watch)
+    publish = sub.add_parser("post", help="publish a post and print its id")
+    publish.add_argument("text")
+    publish.add_argument(
+        "--event", dest="events", action="append", default=[], metavar="SLUG", help="tag with an event (repeatable)"
+    )
+    _add_client(publish)
     return top
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help=f"the gateway's base URL (STREAMD_URL, default {tail.DEFAULT_URL})")
+    p.add_argument("--token", help="a user, admin or embed token (STREAMD_TOKEN)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("tail", "post"):
+        # Clients of a gateway: none of the server's Settings apply.
+        return _run_client(args)
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     settings = Settings.from_env(**flags)
     logs.setup(settings.log_json)
@@ -60,6 +78,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamd {args.command}: --redis-url (or STREAMD_REDIS_URL) is required", file=sys.stderr)
         return 2
     return _run_loop(commands[args.command](settings))
+
+
+def _run_client(args: argparse.Namespace) -> int:
+    url = args.url or os.environ.get("STREAMD_URL") or tail.DEFAULT_URL
+    token = args.token or os.environ.get("STREAMD_TOKEN") or None
+    if args.command == "tail":
+        coro = tail.tail(url, token, args.feeds, args.backlog)
+    else:
+        coro = tail.post(url, token, args.text, args.events)
+    try:
+        return _run_loop(coro)
+    except KeyboardInterrupt:
+        # Ctrl-C before `tail` installed its own handler: still a clean stop.
+        return 0 if args.command == "tail" else 130
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:

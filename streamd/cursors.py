@@ -81,17 +81,18 @@ def plan_resume(cursor: Cursor, feed_epoch: str | None, trimmed: EntryId) -> Rep
 class Handoff:
     """Orders items of one feed for one subscriber across replay and live.
 
-    Live items that arrive while the history is being replayed are held here;
-    after the replay, those at or before the last replayed entry are dropped.
+    Live items (protocol messages) that arrive while the history is being
+    replayed are held here; after the replay, those at or before the last
+    replayed entry are dropped.
     """
 
     last: EntryId = ZERO
     held: list[tuple[EntryId, bytes]] = field(default_factory=list)
     held_bytes: int = 0
 
-    def hold(self, entry: EntryId, frame: bytes) -> None:
-        self.held.append((entry, frame))
-        self.held_bytes += len(frame)
+    def hold(self, entry: EntryId, payload: bytes) -> None:
+        self.held.append((entry, payload))
+        self.held_bytes += len(payload)
 
     def replayed(self, entry: EntryId) -> bool:
         """Record a replayed entry; False if it was already delivered."""
@@ -101,12 +102,12 @@ class Handoff:
         return True
 
     def release(self) -> list[bytes]:
-        """The held live frames that come after the replay, in order."""
+        """The held live messages that come after the replay, in order."""
         out = []
-        for entry, frame in self.held:
+        for entry, payload in self.held:
             if entry > self.last:
                 self.last = entry
-                out.append(frame)
+                out.append(payload)
         self.held.clear()
         self.held_bytes = 0
         return out

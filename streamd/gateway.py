@@ -35,7 +35,6 @@ from streamd.protocol import (
 )
 from streamd.ratelimit import Bucket, KeyedLimiter
 from streamd.settings import Settings
-from streamd.wsframe import text_frame
 
 log = logging.getLogger("streamd.gateway")
 
@@ -213,6 +212,9 @@ async def websocket_handler(
     finally:
         if not conn.closed:
             hub.remove(conn)
+    # A close the hub started (4008, 1001, 4001...) finishes its handshake
+    # before the handler returns and aiohttp drops the connection.
+    await hub.wait_closed(conn)
     return ws
 
 
@@ -223,6 +225,6 @@ def make_recheck(hub: Hub, lists: Lists) -> Callable[[str, list[Connection]], Aw
         record = await lists.record(parse_feed(feed).name)
         denied = [c for c in conns if not can_read(c.principal, parse_feed(feed), record)]
         if denied:
-            hub.evict(feed, denied, text_frame(error_frame(NotFound("no such list", feed=feed))))
+            hub.evict(feed, denied, error_frame(NotFound("no such list", feed=feed)))
 
     return recheck

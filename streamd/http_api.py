@@ -25,7 +25,9 @@ async def create_user(request: web.Request) -> web.Response:
 
 @routes.get("/v1/users/{handle}")
 async def get_user(request: web.Request) -> web.Response:
-    user = await request.app[AUTH].get_user(request.match_info["handle"])
+    auth = request.app[AUTH]
+    await auth.principal(token_of(request))  # a bad token is still 401
+    user = await auth.get_user(request.match_info["handle"])
     return json_response({"user": user})
 
 
@@ -127,5 +129,5 @@ async def create_embed_token(request: web.Request) -> web.Response:
     elif not (who.is_admin or (feed.kind == "user" and who.handle == feed.name)):
         raise Forbidden("only the feed's owner or admin may issue embed tokens for it")
     issuer = who.handle or "admin"
-    token, expires_at = auth.issue_embed_token(str(feed), issuer, ttl)
+    token, expires_at = await auth.issue_embed_token(str(feed), issuer, ttl)
     return json_response({"token": token, "feed": str(feed), "expires_at": expires_at}, status=201)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from streamd.auth import Auth, bearer
 from streamd.errors import BadRequest
+from streamd.hub import Hub
 from streamd.lists import Lists
 from streamd.settings import Settings
 from streamd.store import Scripts
@@ -19,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 AUTH = web.AppKey("auth", Auth)
 SCRIPTS = web.AppKey("scripts", Scripts)
 LISTS = web.AppKey("lists", Lists)
+HUB = web.AppKey("hub", Hub)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

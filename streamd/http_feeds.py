@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from streamd import cursors, history, keys
+from streamd.errors import CloseCode, StreamdError
 from streamd.feeds import parse_feed
-from streamd.http_base import AUTH, LISTS, REDIS, token_of, query_int
+from streamd.gateway import Session
+from streamd.http_base import AUTH, HUB, LISTS, REDIS, SETTINGS, query_int, token_of
+from streamd.hub import Connection
+from streamd.protocol import ClientOp, error_frame
+from streamd.sse import sse_chunk
 
 routes = web.RouteTableDef()
 
@@ -48,3 +55,50 @@ async def feed_items(request: web.Request) -> web.Response:
     tail = b'"%s"' % next_cursor.encode() if next_cursor else b"null"
     body = b'{"items":[' + b",".join(items) + b'],"next":' + tail + b"}"
     return web.Response(body=body, content_type="application/json")
+
+
+@routes.get("/v1/feeds/{feed}/events")
+async def feed_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: the feed's items as `id: <cursor>` / `event: post|delete`.
+
+    Resumes after `Last-Event-ID` (or `?cursor=`); a gap is sent as `event: gap`.
+    Everything that can be refused is checked before the response starts, so
+    refusals are ordinary HTTP errors.
+    """
+    settings = request.app[SETTINGS]
+    feed = str(parse_feed(request.match_info["feed"]))
+    who = await request.app[AUTH].principal(token_of(request))
+    lists = request.app[LISTS]
+    await lists.check_feed_readable(who, feed)
+    cursor = request.headers.get("Last-Event-ID") or request.query.get("cursor") or None
+    if cursor is not None:
+        cursors.decode(cursor)
+    backlog = query_int(request, "backlog", 0, 0, settings.max_backlog)
+    await request.app[REDIS].ping()  # Redis down: a 503 now, not a stream that says nothing
+
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    transport = request.transport
+    assert transport is not None
+    hub = request.app[HUB]
+    conn = Connection(None, transport, sse_chunk)
+    conn.principal = who
+    conn.done = asyncio.get_running_loop().create_future()
+    hub.add(conn)
+    session = Session(hub, request.app[AUTH], lists, settings, conn)
+    session.principal = who
+    try:
+        await session.subscribe(ClientOp("subscribe", feed=feed, cursor=cursor, backlog=backlog))
+    except StreamdError as err:
+        err.feed = feed
+        hub.send(conn, error_frame(err))
+        hub.kill(conn, CloseCode.GOING_AWAY)
+    try:
+        await conn.done
+    finally:
+        if not conn.closed:
+            hub.remove(conn)
+    return response

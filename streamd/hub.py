@@ -1,10 +1,11 @@
 """The hub: which local sockets read which feed, and the write path to them.
 
-Delivery is synchronous and allocation-light: a live item is framed once, its
-bytes are appended to each subscriber's pending list, and one flush per loop
-iteration joins each socket's pending frames into a single transport write.
-No task and no await per recipient. A socket whose pending data or transport
-buffer passes `socket_buffer_bytes` is closed with 4008 and never slows the rest.
+Delivery is synchronous and allocation-light: a live item is encoded once per
+kind of reader (a WebSocket frame, an SSE chunk), its bytes are appended to
+each subscriber's pending list, and one flush per loop iteration joins each
+connection's pending frames into a single transport write. No task and no
+await per recipient. A connection whose pending data or transport buffer
+passes `socket_buffer_bytes` is closed with 4008 and never slows the rest.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
-
 import orjson
+import redis.asyncio as aioredis
 
 from streamd import cursors, history, keys
 from streamd.auth import Principal
@@ -26,6 +26,7 @@ from streamd.errors import CloseCode, Unavailable
 from streamd.live import LiveChannels
 from streamd.protocol import heartbeat_frame
 from streamd.settings import Settings
+from streamd.sse import sse_chunk
 from streamd.wsframe import text_frame
 
 if TYPE_CHECKING:
@@ -34,12 +35,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamd.hub")
 
 
+Encoder = Callable[[bytes], bytes]
+
+
 class Connection:
-    """One WebSocket's delivery state. Small on purpose: there are many."""
+    """One reader's delivery state (a WebSocket, or an SSE response when `ws`
+    is None). Small on purpose: there are many."""
 
     __slots__ = (
         "ws",
         "transport",
+        "encode",
         "pending",
         "pending_bytes",
         "dirty",
@@ -47,12 +53,16 @@ class Connection:
         "last_write",
         "feeds",
         "principal",
+        "done",
         "__weakref__",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse | None, transport: asyncio.Transport, encode: Encoder = text_frame
+    ) -> None:
         self.ws = ws
         self.transport = transport
+        self.encode = encode  # protocol message -> bytes on the wire
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.dirty = False
@@ -60,15 +70,18 @@ class Connection:
         self.last_write = 0.0
         self.feeds: set[str] = set()
         self.principal: Principal | None = None
+        # Resolved when the hub drops the connection; only SSE handlers wait on it.
+        self.done: asyncio.Future[None] | None = None
 
 
 class FeedState:
-    __slots__ = ("feed", "channel", "live", "syncing", "filters", "last", "resync", "ready")
+    __slots__ = ("feed", "channel", "live", "sse", "syncing", "filters", "last", "resync", "ready")
 
     def __init__(self, feed: str, channel: bytes) -> None:
         self.feed = feed
         self.channel = channel
-        self.live: dict[Connection, None] = {}  # insertion-ordered set
+        self.live: dict[Connection, None] = {}  # WebSockets; a dict is an ordered set
+        self.sse: dict[Connection, None] = {}  # SSE readers
         self.syncing: dict[Connection, Handoff] = {}
         # A socket that just went live after replaying up to entry E may still
         # see older live messages that were in flight from Redis: skip those
@@ -91,7 +104,7 @@ class Hub:
         self._flush_handle: asyncio.Handle | None = None
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[None]] = set()  # background work
-        self._closing: set[asyncio.Future[None]] = set()  # sockets being closed
+        self._closing: dict[Connection, asyncio.Future[None]] = {}  # sockets being closed
         self.live = LiveChannels(client, self._on_message, self._resync_all)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._control = keys.CONTROL_CHANNEL.encode()
@@ -113,7 +126,7 @@ class Hub:
         await self.live.__aexit__(*exc)
         for task in self._tasks:
             task.cancel()
-        pending = self._tasks | self._closing
+        pending = self._tasks | set(self._closing.values())
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -125,6 +138,12 @@ class Hub:
     async def attach(self, feed: str, conn: Connection, handoff: Handoff) -> None:
         """Register `conn` as syncing on `feed` (live items are held in `handoff`)
         and wait until the process's Redis subscription to the feed is live."""
+        if not self.live.connected.is_set():
+            # Redis is away (or the process just started): answer soon, not after 10 s.
+            try:
+                await asyncio.wait_for(self.live.connected.wait(), timeout=2)
+            except TimeoutError:
+                raise Unavailable("live channel to Redis is down, try again", feed=feed) from None
         st = self._by_feed.get(feed)
         if st is None:
             channel = keys.feed_channel(feed).encode()
@@ -152,11 +171,11 @@ class Hub:
         handoff = st.syncing.pop(conn, None)
         if handoff is None:
             return
-        for frame in handoff.release():
-            self.push(conn, frame)
+        for payload in handoff.release():
+            self.send(conn, payload)
         if handoff.last > st.last:
             st.filters[conn] = handoff.last
-        st.live[conn] = None
+        (st.live if conn.ws is not None else st.sse)[conn] = None
 
     def detach(self, feed: str, conn: Connection) -> None:
         conn.feeds.discard(feed)
@@ -164,9 +183,10 @@ class Hub:
         if st is None:
             return
         st.live.pop(conn, None)
+        st.sse.pop(conn, None)
         st.syncing.pop(conn, None)
         st.filters.pop(conn, None)
-        if not st.live and not st.syncing:
+        if not st.live and not st.sse and not st.syncing:
             del self._by_feed[feed]
             del self._by_channel[st.channel]
             if st.ready is not None and not st.ready.done():
@@ -191,27 +211,27 @@ class Hub:
         raw_id = data[:space]
         ms, _, seq = raw_id.partition(b"-")
         entry = (int(ms), int(seq))
-        frame = text_frame(data[space + 1 :])
+        payload = data[space + 1 :]
         if st.resync is not None:
-            st.resync.hold(entry, frame)
+            st.resync.hold(entry, payload)
         elif entry > st.last:
             st.last = entry
-            self._deliver(st, entry, frame)
+            self._deliver(st, entry, payload)
 
     def _on_feed_control(self, st: FeedState, data: bytes) -> None:
-        conns = [*st.live, *st.syncing]
+        conns = [*st.live, *st.sse, *st.syncing]
         if data == b"!acl":
             if self.recheck is not None and conns:
                 self._keep(asyncio.ensure_future(self.recheck(st.feed, conns)))
         elif data.startswith(b"! "):
             # The feed is gone (a deleted list): tell its readers, then drop them.
-            self.evict(st.feed, conns, text_frame(data[2:]))
+            self.evict(st.feed, conns, data[2:])
 
-    def evict(self, feed: str, conns: list[Connection], frame: bytes) -> None:
-        """Send `frame` (an error) to `conns` and unsubscribe them from `feed`."""
+    def evict(self, feed: str, conns: list[Connection], payload: bytes) -> None:
+        """Send `payload` (an error) to `conns` and unsubscribe them from `feed`."""
         for conn in conns:
             self.detach(feed, conn)
-            self.push(conn, frame)
+            self.send(conn, payload)
 
     def _on_control(self, data: bytes) -> None:
         try:
@@ -225,43 +245,55 @@ class Hub:
                 if conn.principal is not None and conn.principal.token_id == revoked:
                     self.kill(conn, CloseCode.TOKEN_REVOKED, "the token was revoked")
 
-    def _keep(self, task: asyncio.Future[None], group: set[asyncio.Future[None]] | None = None) -> None:
+    def _keep(self, task: asyncio.Future[None]) -> None:
         """Hold a reference to a background task until it ends."""
-        group = self._tasks if group is None else group
-        group.add(task)
-        task.add_done_callback(group.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _deliver(self, st: FeedState, entry: EntryId, frame: bytes) -> None:
-        for conn, handoff in st.syncing.items():
-            handoff.hold(entry, frame)
-            if handoff.held_bytes > self._limit:
-                self.kill(conn, CloseCode.TOO_SLOW)
+    def _deliver(self, st: FeedState, entry: EntryId, payload: bytes) -> None:
+        if st.syncing:
+            for conn, handoff in list(st.syncing.items()):
+                handoff.hold(entry, payload)
+                if handoff.held_bytes > self._limit:
+                    self.kill(conn, CloseCode.TOO_SLOW)
+        if st.live:
+            self._fan_out(st, st.live, entry, text_frame(payload))
+        if st.sse:
+            self._fan_out(st, st.sse, entry, sse_chunk(payload))
+
+    def _fan_out(self, st: FeedState, readers: dict[Connection, None], entry: EntryId, frame: bytes) -> None:
+        """The hot path: the same bytes appended to every reader's pending list."""
         n = len(frame)
         limit = self._limit
         dirty = self._dirty
         filters = st.filters
-        for conn in st.live:
+        over = False
+        for conn in readers:
             if filters and conn in filters:
                 if entry <= filters[conn]:
                     continue
                 del filters[conn]
             conn.pending.append(frame)
             conn.pending_bytes += n
+            if conn.pending_bytes > limit:
+                over = True
             if not conn.dirty:
                 conn.dirty = True
                 dirty.append(conn)
-        self.delivered += len(st.live)
+        self.delivered += len(readers)
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
-        # Checked after the loop: killing mutates st.live.
-        for conn in [c for c in st.live if c.pending_bytes > limit]:
-            self.kill(conn, CloseCode.TOO_SLOW)
+        if over:  # after the loop: killing changes `readers`
+            for conn in [c for c in readers if c.pending_bytes > limit]:
+                self.kill(conn, CloseCode.TOO_SLOW)
 
-    def push(self, conn: Connection, payload: bytes, *, framed: bool = True) -> None:
-        """Queue one frame for `conn`; written on the next flush."""
+    def send(self, conn: Connection, payload: bytes) -> None:
+        """Queue one protocol message for `conn`, encoded for it; written on the next flush."""
         if conn.closed:
             return
-        frame = payload if framed else text_frame(payload)
+        frame = conn.encode(payload)
+        if not frame:
+            return  # nothing to say on this kind of connection
         conn.pending.append(frame)
         conn.pending_bytes += len(frame)
         if not conn.dirty:
@@ -271,10 +303,6 @@ class Hub:
                 self._flush_handle = self._loop.call_soon(self._flush)
         if conn.pending_bytes > self._limit:
             self.kill(conn, CloseCode.TOO_SLOW)
-
-    def send(self, conn: Connection, payload: bytes) -> None:
-        """Queue one unframed protocol message."""
-        self.push(conn, text_frame(payload))
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -311,6 +339,8 @@ class Hub:
         self.connections.add(conn)
 
     def remove(self, conn: Connection) -> None:
+        if conn.done is not None and not conn.done.done():
+            conn.done.set_result(None)
         conn.closed = True
         self.connections.discard(conn)
         for feed in list(conn.feeds):
@@ -328,10 +358,21 @@ class Hub:
         else:
             self.write_now(conn)  # what was said before the close still goes out
         self.remove(conn)
-        self._keep(asyncio.ensure_future(self._close(conn, code, message)), self._closing)
+        task = asyncio.ensure_future(self._close(conn, code, message))
+        self._closing[conn] = task
+        task.add_done_callback(lambda _: self._closing.pop(conn, None))
+
+    async def wait_closed(self, conn: Connection) -> None:
+        """Wait for a close the hub started (the handshake with the client)."""
+        task = self._closing.get(conn)
+        if task is not None:
+            await asyncio.shield(task)
 
     async def _close(self, conn: Connection, code: int, message: str) -> None:
         try:
+            if conn.ws is None:  # SSE: the end of the response is the close
+                conn.transport.close()
+                return
             await asyncio.wait_for(conn.ws.close(code=code, message=message.encode()), timeout=5)
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
@@ -344,28 +385,32 @@ class Hub:
         for conn in list(self.connections):
             self.kill(conn, code, "server is going away; reconnect and resume")
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            await asyncio.gather(*self._closing.values(), return_exceptions=True)
 
     # -- heartbeats and resync --------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        quiet = self._settings.heartbeat_seconds
+        """One timer for every connection: heartbeats after quiet, expiries, dead SSE peers."""
+        ws_quiet = self._settings.heartbeat_seconds
+        sse_quiet = self._settings.sse_keepalive_seconds
         while True:
-            await asyncio.sleep(min(quiet / 5, 5.0))
+            await asyncio.sleep(min(ws_quiet / 5, sse_quiet / 5, 5.0))
             now = self._loop.time()
             wall = time.time()
-            frame = text_frame(heartbeat_frame(int(wall * 1000)))
+            payload = heartbeat_frame(int(wall * 1000))
             for conn in list(self.connections):
                 expires = conn.principal.expires_at if conn.principal is not None else None
                 if expires is not None and expires <= wall:
                     self.kill(conn, CloseCode.TOKEN_REVOKED, "the token expired")
-                elif now - conn.last_write >= quiet and not conn.closed:
-                    self.push(conn, frame)
+                elif conn.transport.is_closing():
+                    self.remove(conn)  # an SSE reader that went away
+                elif now - conn.last_write >= (ws_quiet if conn.ws is not None else sse_quiet):
+                    self.send(conn, payload)
 
     async def _resync_all(self) -> None:
         """After a lost Redis connection, fill in every feed from its history."""
         for st in list(self._by_feed.values()):
-            if st.resync is None and st.live:
+            if st.resync is None and (st.live or st.sse):
                 await self._resync(st)
 
     async def _resync(self, st: FeedState) -> None:
@@ -378,19 +423,19 @@ class Hub:
                 for entry in entries:
                     entry_id = cursors.parse_entry_id(entry[0])
                     if st.resync.replayed(entry_id):
-                        self._deliver(st, entry_id, text_frame(history.item_frame(st.feed, snap.epoch, entry)))
+                        self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
                     after = entry_id
                 if len(entries) < self._settings.replay_page:
                     break
         except Exception:
             log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)
-            for conn in list(st.live):
+            for conn in [*st.live, *st.sse]:
                 self.kill(conn, CloseCode.GOING_AWAY)
         finally:
             handoff, st.resync = st.resync, None
             if handoff is not None:
-                for entry, frame in handoff.held:
+                for entry, payload in handoff.held:
                     if entry > handoff.last:
                         handoff.last = entry
-                        self._deliver(st, entry, frame)
+                        self._deliver(st, entry, payload)
                 st.last = max(st.last, handoff.last)

@@ -17,10 +17,10 @@ import orjson
 import redis.asyncio as aioredis
 
 from streamd import keys
-from streamd.access import can_manage_list, can_read
+from streamd.access import can_manage_list, can_read, can_view_list
 from streamd.auth import Principal
 from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from streamd.feeds import LIST_ID_RE, Feed, parse_feed
+from streamd.feeds import LIST_ID_RE, parse_feed
 from streamd.protocol import error_frame
 from streamd.settings import Settings
 from streamd.store import Scripts
@@ -71,20 +71,25 @@ class Lists:
         return None if raw is None else orjson.loads(raw)
 
     async def readable(self, who: Principal | None, list_id: str) -> dict[str, Any]:
-        """The list record if `who` may read it; NotFound otherwise (never Forbidden:
-        a private list does not leak its existence)."""
+        """The list record if `who` may see the list; NotFound otherwise (never
+        Forbidden: a private list does not leak its existence)."""
         record = await self.record(list_id)
-        if record is None or not can_read(who, Feed("list", list_id), record):
+        if record is None or not can_view_list(who, record):
             raise NotFound(f"no list {list_id!r}", feed=f"list:{list_id}")
         return record
 
     async def check_feed_readable(self, who: Principal | None, feed: str) -> None:
         parsed = parse_feed(feed)
         if parsed.kind == "list":
-            await self.readable(who, parsed.name)
+            record = await self.record(parsed.name)
+            if record is None or not can_read(who, parsed, record):
+                raise NotFound(f"no list {parsed.name!r}", feed=feed)
 
     async def managed(self, who: Principal | None, list_id: str) -> dict[str, Any]:
         """The record if `who` may change the list; NotFound if they may not see it."""
+        if who is not None and who.kind == "embed":
+            # Refused on the token alone, before the lookup: it reveals nothing.
+            raise Forbidden("embed tokens are read-only")
         record = await self.readable(who, list_id)
         if who is None:
             raise Unauthorized("this needs the owner's token")
@@ -147,7 +152,7 @@ class Lists:
                 pipe.get(keys.list_record(list_id))
             raws = await pipe.execute()
         records = [orjson.loads(raw) for raw in raws if raw is not None]
-        return [await self.view(r) for r in records if can_read(who, Feed("list", r["id"]), r)]
+        return [await self.view(r) for r in records if can_view_list(who, r)]
 
     async def memberships(self, handle: str) -> list[str]:
         """The lists a user is in now: read at accept time, so a post reaches them."""

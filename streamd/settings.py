@@ -49,6 +49,7 @@ class Settings:
     socket_buffer_bytes: int = 512 * 1024
     replay_page: int = 500
     heartbeat_seconds: float = 25.0
+    sse_keepalive_seconds: float = 15.0
     ws_ping_seconds: float = 20.0
 
     # Ingest.

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from streamd.access import can_manage_list, can_read
+from streamd.access import can_manage_list, can_read, can_view_list
 from streamd.auth import ADMIN, Principal, sign_embed_token, verify_embed_token
 from streamd.errors import BadRequest
 from streamd.feeds import Feed
@@ -39,6 +39,12 @@ PRIVATE = {"id": "l1", "owner": "owner", "visibility": "private"}
 )
 def test_can_read(who: Principal | None, feed: Feed, record: dict[str, Any] | None, expected: bool) -> None:
     assert can_read(who, feed, record) is expected
+
+
+def test_can_view_list_is_not_widened_by_embed_tokens() -> None:
+    assert can_view_list(None, PUBLIC) and can_view_list(OWNER, PRIVATE) and can_view_list(ADMIN, PRIVATE)
+    assert not can_view_list(EMBED_L1, PRIVATE)  # reads the feed, not the list
+    assert not can_view_list(OTHER, PRIVATE) and not can_view_list(None, PRIVATE)
 
 
 def test_can_manage_list() -> None:
