@@ -134,22 +134,33 @@ class FanoutWorker:
     async def write_feeds(self, entries: Sequence[Entry]) -> list[bytes]:
         """Append each entry's post to all its feeds (one pipeline); the ids to ack.
 
-        Any failed feed write raises, and the entries stay pending to be
-        retried (by this worker's next claim or another's). A worker that dies
-        after this and before the ack leaves them pending in the same way.
+        A lost connection raises, and the entries stay pending to be retried
+        (by this worker's next claim or another's); a worker that dies after
+        this and before the ack leaves them pending in the same way. An entry
+        that Redis itself refuses (a script error: the entry is malformed)
+        would fail forever, so it goes to the dead letters instead.
         """
         pipe = self._redis.pipeline(transaction=False)
         epoch = secrets.token_hex(4)
-        done: list[bytes] = []
+        planned: list[tuple[bytes, dict[bytes, bytes], int]] = []  # entry, its commands
         for raw_id, fields in entries:
+            before = len(pipe)
             try:
                 await self._plan(pipe, raw_id.decode(), fields, epoch)
-            except (KeyError, ValueError, TypeError) as err:
+            except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
                 await self._dead_letter(raw_id, fields, f"unparseable ingest entry: {err!r}")
                 continue
-            done.append(raw_id)
-        if done:
-            await pipe.execute()
+            planned.append((raw_id, fields, len(pipe) - before))
+        if not planned:
+            return []
+        results = iter(await pipe.execute(raise_on_error=False))
+        done: list[bytes] = []
+        for raw_id, fields, count in planned:
+            errors = [r for r in (next(results) for _ in range(count)) if isinstance(r, ResponseError)]
+            if errors:
+                await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {errors[0]}")
+            else:
+                done.append(raw_id)
         return done
 
     async def _plan(self, pipe: Any, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> None:

@@ -138,3 +138,18 @@ async def test_ingest_stream_is_trimmed_once_processed(redis: aioredis.Redis, se
     last = await ingest(redis, "gil", "new")
     await worker.step()
     assert last in await feed_post_ids(redis, "user:gil")
+
+
+async def test_entry_that_redis_refuses_goes_to_dead_letters(redis: aioredis.Redis, settings: Settings) -> None:
+    """A feed key of the wrong type makes the script fail for that entry only."""
+    worker = FanoutWorker(redis, settings)
+    await worker.ensure_group()
+    await redis.set(keys.feed_stream("event:broken"), "not a stream")
+    bad = await ingest(redis, "hal", "tagged with a broken feed", ["broken"])
+    good = await ingest(redis, "ivy", "fine")
+    assert await worker.step() == 2
+    dead = await redis.xrange(keys.dead_letter_stream())
+    assert [d[1][b"entry"].decode() for d in dead] == [bad]
+    assert b"refused" in dead[0][1][b"reason"]
+    assert await feed_post_ids(redis, "user:ivy") == [good]
+    assert (await redis.xpending(keys.ingest_stream(), keys.FANOUT_GROUP))["pending"] == 0
