@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
 from typing import Any
 
 import aiohttp
 
 from streamd import cursors
+from streamd.http_base import HUB
 from tests.helpers import Api
 
 
@@ -217,3 +221,28 @@ async def test_event_feed_receives_tagged_posts(api: Api, ws_connect: Any) -> No
     tagged = await api.post(token, "tagged", events=["derby-2026", "oaks-2026"])
     frame = await ws.recv()
     assert frame["feed"] == "event:derby-2026" and frame["post"]["id"] == tagged["id"]
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped(start_server: Any, settings: Any) -> None:
+    """A raw client that completes the handshake and then never answers a ping."""
+    srv = await start_server(settings.replace(ws_ping_seconds=0.3))
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 101")
+    assert len(srv.app[HUB].connections) == 1
+    seen = b""
+    while chunk := await asyncio.wait_for(reader.read(4096), 10):  # until the server hangs up
+        seen += chunk
+    assert b"\x89" in seen  # it was pinged (opcode 0x9) before being dropped
+    for _ in range(100):  # the handler lets go of it right after the hang-up
+        if not srv.app[HUB].connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not srv.app[HUB].connections
+    writer.close()
