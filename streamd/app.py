@@ -20,12 +20,14 @@ from streamd.gateway import make_recheck, websocket_handler
 from streamd.http_base import AUTH, HUB, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
 from streamd.hub import Hub
 from streamd.lists import Lists
+from streamd.metrics import CONTENT_TYPE, Metrics
 from streamd.ratelimit import KeyedLimiter
 from streamd.settings import Settings
 
 log = logging.getLogger("streamd.app")
 
 WORKER_STOP = web.AppKey("worker_stop", asyncio.Event)
+METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,12 +51,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         message = _MESSAGES.get(exc.status, exc.reason or "request failed")
         if exc.status == 413:
             message = f"request body is larger than {request.app[SETTINGS].max_body_bytes} bytes"
-        err = from_status(exc.status, message)
+        mapped = from_status(exc.status, message)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return json_response(err.body(), status=exc.status, headers=headers)
+        return json_response(mapped.body(), status=exc.status, headers=headers)
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         log.warning("redis unavailable during %s %s: %r", request.method, request.path, exc, exc_info=True)
         return json_response(Unavailable("storage is unavailable, try again").body(), status=503)
+
+
+@web.middleware
+async def count_posts(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    # An idempotent repeat answers 201 too, but accepts nothing new.
+    if response.status == 201 and request.path == "/v1/posts" and "Idempotent-Replayed" not in response.headers:
+        request.app[METRICS].posts_accepted.inc()
+    return response
 
 
 OPENAPI = resources.files("streamd").joinpath("openapi.json").read_bytes()
@@ -62,6 +73,11 @@ OPENAPI = resources.files("streamd").joinpath("openapi.json").read_bytes()
 
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI, content_type="application/json")
+
+
+async def scrape(request: web.Request) -> web.Response:
+    """Prometheus metrics, readable by anyone: in production only the scraper should reach it."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -80,8 +96,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[errors_middleware, count_posts], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = metrics = Metrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = store.connect(redis_url, settings)
@@ -90,8 +107,9 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         app[SCRIPTS] = scripts
         app[AUTH] = Auth(client, scripts, settings.admin_token, settings.posts_per_minute, settings.embed_secret)
         app[LISTS] = lists = Lists(client, scripts, settings)
-        async with Hub(client, settings) as hub:
+        async with Hub(client, settings, metrics) as hub:
             hub.recheck = make_recheck(hub, lists)
+            metrics.on_scrape(hub.sample)
             app[HUB] = hub
             yield
         await client.aclose()
@@ -99,7 +117,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
     async def worker(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         app[WORKER_STOP] = stop
-        fanout = FanoutWorker(app[HUB].redis, settings)
+        fanout = FanoutWorker(app[HUB].redis, settings, metrics=metrics)
         task = asyncio.create_task(fanout.run(stop), name="streamd-fanout")
         yield
         stop.set()
@@ -122,6 +140,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
     app.router.add_get("/v1/ws", ws)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_routes(http_api.routes)
     app.router.add_routes(http_lists.routes)

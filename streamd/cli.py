@@ -95,6 +95,7 @@ def _run_client(args: argparse.Namespace) -> int:
 
 
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    factory: Callable[[], asyncio.AbstractEventLoop]
     try:
         import uvloop
 

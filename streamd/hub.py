@@ -23,7 +23,9 @@ from streamd import cursors, history, keys
 from streamd.auth import Principal
 from streamd.cursors import EntryId, Handoff
 from streamd.errors import CloseCode, Unavailable
+from streamd.feeds import KINDS
 from streamd.live import LiveChannels
+from streamd.metrics import Metrics
 from streamd.protocol import heartbeat_frame
 from streamd.settings import Settings
 from streamd.sse import sse_chunk
@@ -36,6 +38,17 @@ log = logging.getLogger("streamd.hub")
 
 
 Encoder = Callable[[bytes], bytes]
+
+_POST_ID = b'"post":{"id":"'
+
+
+def _created_at(payload: bytes) -> int | None:
+    """The created_at (ms) of a live `post` item: the ms part of the post's id,
+    which the frame carries first in the post. None for other items."""
+    start = payload.find(_POST_ID) + len(_POST_ID)
+    end = payload.find(b"-", start)
+    ms = payload[start:end]
+    return int(ms) if start >= len(_POST_ID) and ms.isdigit() else None
 
 
 class Connection:
@@ -93,8 +106,9 @@ class FeedState:
 
 
 class Hub:
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, settings: Settings, metrics: Metrics | None = None) -> None:
         self.redis = client
+        self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._limit = settings.socket_buffer_bytes
         self._by_channel: dict[bytes, FeedState] = {}
@@ -105,7 +119,7 @@ class Hub:
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Future[None]] = set()  # background work
         self._closing: dict[Connection, asyncio.Future[None]] = {}  # sockets being closed
-        self.live = LiveChannels(client, self._on_message, self._resync_all)
+        self.live = LiveChannels(client, self._on_message, self._resync_all, self.metrics)
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._control = keys.CONTROL_CHANNEL.encode()
         # Set by the gateway: re-checks who may still read a feed whose access
@@ -113,6 +127,7 @@ class Hub:
         self.recheck: Callable[[str, list[Connection]], Awaitable[None]] | None = None
         self.slow_closes = 0
         self.delivered = 0
+        self._posted: list[int] = []  # created_at of live posts queued since the last flush
 
     async def __aenter__(self) -> Hub:
         await self.live.__aenter__()
@@ -260,6 +275,10 @@ class Hub:
             self._fan_out(st, st.live, entry, text_frame(payload))
         if st.sse:
             self._fan_out(st, st.sse, entry, sse_chunk(payload))
+        if (st.live or st.sse) and self._flush_handle is not None:
+            created = _created_at(payload)
+            if created is not None:  # timed once per message, at the flush that writes it
+                self._posted.append(created)
 
     def _fan_out(self, st: FeedState, readers: dict[Connection, None], entry: EntryId, frame: bytes) -> None:
         """The hot path: the same bytes appended to every reader's pending list."""
@@ -268,9 +287,11 @@ class Hub:
         dirty = self._dirty
         filters = st.filters
         over = False
+        skipped = 0
         for conn in readers:
             if filters and conn in filters:
                 if entry <= filters[conn]:
+                    skipped += 1
                     continue
                 del filters[conn]
             conn.pending.append(frame)
@@ -280,7 +301,10 @@ class Hub:
             if not conn.dirty:
                 conn.dirty = True
                 dirty.append(conn)
-        self.delivered += len(readers)
+        sent = len(readers) - skipped
+        self.delivered += sent
+        self.metrics.delivered_items.inc(sent)
+        self.metrics.delivered_bytes.inc(n * sent)
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
         if over:  # after the loop: killing changes `readers`
@@ -312,6 +336,11 @@ class Hub:
         for conn in dirty:
             conn.dirty = False
             self.write_now(conn, now, limit)
+        if self._posted:
+            posted, self._posted = self._posted, []
+            wall_ms = time.time() * 1000
+            for created in posted:
+                self.metrics.delivery_latency.observe(max(0.0, wall_ms - created) / 1000)
 
     def write_now(self, conn: Connection, now: float | None = None, limit: int | None = None) -> None:
         pending = conn.pending
@@ -331,6 +360,20 @@ class Hub:
 
     def buffered(self, conn: Connection) -> int:
         return conn.pending_bytes + conn.transport.get_write_buffer_size()
+
+    def sample(self) -> None:
+        """Set the gauges of what the hub holds now; run at scrape time, off the delivery path."""
+        m = self.metrics
+        sse = sum(1 for conn in self.connections if conn.ws is None)
+        m.connections.labels(kind="ws").set(len(self.connections) - sse)
+        m.connections.labels(kind="sse").set(sse)
+        pairs = dict.fromkeys(KINDS, 0)
+        for st in self._by_feed.values():
+            kind = st.feed.partition(":")[0]
+            pairs[kind] = pairs.get(kind, 0) + len(st.live) + len(st.sse) + len(st.syncing)
+        for kind, n in pairs.items():
+            m.subscriptions.labels(kind=kind).set(n)
+        m.live_feeds.set(len(self._by_feed))
 
     # -- lifecycle of sockets ---------------------------------------------------
 
@@ -352,8 +395,10 @@ class Hub:
         """Drop `conn` from every feed now and close it with `code` in the background."""
         if conn.closed:
             return
+        self.metrics.closes.labels(code=str(int(code))).inc()
         if code == CloseCode.TOO_SLOW:
             self.slow_closes += 1
+            self.metrics.slow_closes.inc()
             message = message or "client fell too far behind; resume from the last cursor"
         else:
             self.write_now(conn)  # what was said before the close still goes out
@@ -434,8 +479,8 @@ class Hub:
         finally:
             handoff, st.resync = st.resync, None
             if handoff is not None:
-                for entry, payload in handoff.held:
-                    if entry > handoff.last:
-                        handoff.last = entry
-                        self._deliver(st, entry, payload)
+                for held_id, payload in handoff.held:
+                    if held_id > handoff.last:
+                        handoff.last = held_id
+                        self._deliver(st, held_id, payload)
                 st.last = max(st.last, handoff.last)
