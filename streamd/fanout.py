@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
 
 from streamd import keys
 from streamd.feeds import expand
+from streamd.metrics import Metrics
 from streamd.posts import build_post, post_id_for
 from streamd.settings import Settings
 from streamd.store import Scripts
@@ -47,8 +48,10 @@ class FanoutWorker:
         *,
         consumer: str | None = None,
         shard: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._redis = client
+        self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._scripts = Scripts.register(client)
         self.consumer = consumer or consumer_name()
@@ -121,6 +124,7 @@ class FanoutWorker:
                 log.info("fanout: claimed %d stale entries", len(live))
                 await self.process(live)
                 claimed += len(live)
+                self.metrics.claimed.inc(len(live))
             start = next_start.decode() if isinstance(next_start, bytes) else next_start
             if start == "0-0":
                 return claimed
@@ -156,12 +160,27 @@ class FanoutWorker:
         results = iter(await pipe.execute(raise_on_error=False))
         done: list[bytes] = []
         for raw_id, fields, count in planned:
-            errors = [r for r in (next(results) for _ in range(count)) if isinstance(r, ResponseError)]
+            replies = [next(results) for _ in range(count)]
+            errors = [r for r in replies if isinstance(r, ResponseError)]
             if errors:
                 await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {errors[0]}")
             else:
                 done.append(raw_id)
+                self._count(raw_id, fields, replies)
         return done
+
+    def _count(self, raw_id: bytes, fields: dict[bytes, bytes], replies: list[Any]) -> None:
+        """Count one entry's feed writes. A written item's entry id is the time
+        its feed got it, and the ingest entry id the post's created_at."""
+        m = self.metrics
+        written = [r for r in replies if r is not None]  # None: already in the feed, or deleted
+        m.feed_items_written.inc(len(written))
+        if b"x" in fields:
+            return  # the delete of a post
+        m.posts_fanned_out.inc()
+        created = int(raw_id.partition(b"-")[0])
+        for entry_id in written:
+            m.ingest_lag.observe(max(0, int(entry_id.partition(b"-")[0]) - created) / 1000)
 
     async def _plan(self, pipe: Any, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> None:
         """Queue the feed writes of one ingest entry: a post, or the delete of one."""
@@ -193,6 +212,7 @@ class FanoutWorker:
         record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}
         await self._redis.xadd(self._dead, record, maxlen=10_000, approximate=True)
         await self._redis.xack(self._stream, keys.FANOUT_GROUP, raw_id)
+        self.metrics.dead_letters.inc()
         log.error("fanout: moved entry %s to %s: %s", raw_id.decode(), self._dead, reason)
 
     async def trim_ingest(self) -> None:
@@ -200,6 +220,8 @@ class FanoutWorker:
         groups = await self._redis.xinfo_groups(self._stream)
         floor: tuple[int, int] | None = None
         for group in groups:
+            if group["name"] == keys.FANOUT_GROUP.encode():  # sampled here: the claim cycle asks anyway
+                self.metrics.ingest_pending.labels(shard=str(self._shard)).set(group["pending"])
             candidates = [group["last-delivered-id"]]
             if group["pending"]:
                 summary = await self._redis.xpending(self._stream, group["name"])

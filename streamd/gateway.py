@@ -132,6 +132,9 @@ class Session:
             handoff.replayed(head)
             return
         plan = cursors.plan_resume(cursor, snap.epoch, snap.trimmed)
+        hub.metrics.replays.inc()
+        if plan.gap:
+            hub.metrics.gaps.inc()
         hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), plan.gap))
         after = plan.after
         page = self.settings.replay_page

@@ -20,6 +20,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from streamd.metrics import Metrics
+
 log = logging.getLogger("streamd.live")
 
 OnMessage = Callable[[bytes, bytes], None]
@@ -27,8 +29,11 @@ OnResync = Callable[[], Awaitable[None]]
 
 
 class LiveChannels:
-    def __init__(self, client: aioredis.Redis, on_message: OnMessage, on_resync: OnResync) -> None:
+    def __init__(
+        self, client: aioredis.Redis, on_message: OnMessage, on_resync: OnResync, metrics: Metrics | None = None
+    ) -> None:
         self._pool = client.connection_pool
+        self._metrics = metrics if metrics is not None else Metrics()
         self._on_message = on_message
         self._on_resync = on_resync
         self._conn: aioredis.connection.AbstractConnection | None = None
@@ -107,6 +112,7 @@ class LiveChannels:
                     await conn.send_command("SUBSCRIBE", *self._wanted, check_health=False)
                 self.connected.set()
                 if self.reconnects:
+                    self._metrics.live_reconnects.inc()
                     self._resync = asyncio.create_task(self._resync_when_confirmed(confirmations))
                 backoff = 0.05
                 await self._read(conn)
