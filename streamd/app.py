@@ -12,7 +12,7 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
-from streamd import http_api, http_feeds, http_lists, store
+from streamd import http_api, http_feeds, http_lists, http_web, store
 from streamd.auth import Auth
 from streamd.errors import StreamdError, Unavailable, from_status
 from streamd.fanout import FanoutWorker
@@ -145,4 +145,5 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
     app.router.add_routes(http_api.routes)
     app.router.add_routes(http_lists.routes)
     app.router.add_routes(http_feeds.routes)
+    http_web.setup(app)  # the widget, its pages, CORS for embeds
     return app

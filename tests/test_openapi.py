@@ -275,6 +275,14 @@ async def members_full(c: Ctx) -> Reply:
     return await c.call("PUT", f"/v1/lists/{list_id}/members/{other}", token=token)
 
 
+async def not_modified(c: Ctx, path: str) -> Reply:
+    """A conditional GET with the ETag of the copy just fetched."""
+    async with c.session.get(c.base + path) as resp:
+        assert resp.status == 200, resp
+        etag = resp.headers["ETag"]
+    return await c.call("GET", path, headers={"If-None-Match": etag})
+
+
 # --- the table: every documented (method, path, status) and a request that produces it -----
 
 Scenario = Callable[[Ctx], Awaitable[Reply]]
@@ -316,6 +324,7 @@ CASES: list[Case] = [
     Case("GET", "/healthz", 200, lambda c: c.call("GET", "/healthz")),
     Case("GET", "/readyz", 200, lambda c: c.call("GET", "/readyz")),
     Case("GET", "/readyz", 503, lambda c: c.call("GET", "/readyz"), NO_REDIS),
+    Case("GET", "/metrics", 200, lambda c: c.call("GET", "/metrics")),
     Case("GET", "/v1/openapi.json", 200, lambda c: c.call("GET", "/v1/openapi.json")),
     # the WebSocket upgrade
     Case("GET", "/v1/ws", 101, ws_opens),
@@ -421,6 +430,19 @@ CASES: list[Case] = [
     Case("GET", EVENTS, 401, lambda c: c.call("GET", "/v1/feeds/user:alice/events?token=" + DEAD)),
     Case("GET", EVENTS, 404, lambda c: c.call("GET", p(c, "/v1/feeds/list:{priv}/events"))),
     Case("GET", EVENTS, 503, lambda c: c.call("GET", "/v1/feeds/user:alice/events"), NO_REDIS),
+    # the widget and its pages
+    Case("GET", "/", 200, lambda c: c.call("GET", "/")),
+    Case("GET", "/embed.js", 200, lambda c: c.call("GET", "/embed.js")),
+    Case("GET", "/embed.js", 304, lambda c: not_modified(c, "/embed.js")),
+    Case("GET", "/site.css", 200, lambda c: c.call("GET", "/site.css")),
+    Case("GET", "/site.css", 304, lambda c: not_modified(c, "/site.css")),
+    Case("GET", "/site.js", 200, lambda c: c.call("GET", "/site.js")),
+    Case("GET", "/site.js", 304, lambda c: not_modified(c, "/site.js")),
+    Case("GET", "/watch/{feed}", 200, lambda c: c.call("GET", p(c, "/watch/list:{pub}"))),
+    Case("GET", "/watch/{feed}", 400, lambda c: c.call("GET", "/watch/nonsense")),
+    Case("GET", "/watch/{feed}", 401, lambda c: c.call("GET", "/watch/user:alice?token=" + DEAD)),
+    Case("GET", "/watch/{feed}", 404, lambda c: c.call("GET", p(c, "/watch/list:{priv}"))),
+    Case("GET", "/watch/{feed}", 503, lambda c: c.call("GET", "/watch/user:alice"), NO_REDIS),
 ]
 
 
