@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import fanout
+from bench import compare, fanout, peersetup, report
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,9 @@ class Scenario:
 # One entry per scenario module; each exposes HELP, add_arguments() and run().
 SCENARIOS: dict[str, Scenario] = {
     "fanout": Scenario(fanout.HELP, fanout.add_arguments, fanout.run),
+    "compare": Scenario(compare.HELP, compare.add_arguments, compare.run),
+    "setup": Scenario(peersetup.HELP, peersetup.add_arguments, peersetup.run),
+    "report": Scenario(report.HELP, report.add_arguments, report.run),
 }
 
 

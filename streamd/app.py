@@ -9,8 +9,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, TimeoutError as RedisTimeoutError
 
 from streamd import http_api, http_feeds, http_lists, http_web, store
 from streamd.auth import Auth
@@ -23,6 +21,7 @@ from streamd.lists import Lists
 from streamd.metrics import CONTENT_TYPE, Metrics
 from streamd.ratelimit import KeyedLimiter
 from streamd.settings import Settings
+from streamd.store import TRANSIENT_ERRORS
 
 log = logging.getLogger("streamd.app")
 
@@ -54,7 +53,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         mapped = from_status(exc.status, message)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         return json_response(mapped.body(), status=exc.status, headers=headers)
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except TRANSIENT_ERRORS as exc:
         log.warning("redis unavailable during %s %s: %r", request.method, request.path, exc, exc_info=True)
         return json_response(Unavailable("storage is unavailable, try again").body(), status=503)
 
@@ -86,9 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    try:
-        await asyncio.wait_for(hub.redis.ping(), timeout=1.0)
-    except (RedisError, OSError, TimeoutError):
+    if not await store.answers(hub.redis, timeout=1.0):
         return json_response(Unavailable("redis does not answer").body(), status=503)
     if not hub.live.connected.is_set():
         return json_response(Unavailable("live channel to redis is down").body(), status=503)
@@ -101,7 +98,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
     app[METRICS] = metrics = Metrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        client = store.connect(redis_url, settings)
+        client = await store.open_client(redis_url, settings)
         scripts = store.Scripts.register(client)
         app[REDIS] = client
         app[SCRIPTS] = scripts
@@ -117,12 +114,19 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
     async def worker(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         app[WORKER_STOP] = stop
-        fanout = FanoutWorker(app[HUB].redis, settings, metrics=metrics)
-        task = asyncio.create_task(fanout.run(stop), name="streamd-fanout")
+        # One worker per ingest shard, sharing the consumer group with any
+        # other worker process.
+        tasks = [
+            asyncio.create_task(
+                FanoutWorker(app[HUB].redis, settings, shard=shard, metrics=metrics).run(stop),
+                name=f"streamd-fanout-{shard}",
+            )
+            for shard in range(settings.ingest_shards)
+        ]
         yield
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=10)
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
 
     async def on_shutdown(app: web.Application) -> None:
         await app[HUB].close_all()

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
-from streamd import keys
+from streamd import keys, store
 from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited, Unauthorized
 from streamd.feeds import valid_handle
-from streamd.store import Scripts
+from streamd.store import AnyRedis, Scripts
 
 USER_TOKEN_PREFIX = "sdu_"
 EMBED_TOKEN_PREFIX = "sde_"
@@ -91,7 +90,7 @@ def verify_embed_token(secret: bytes, token: str, now: float) -> Principal | Non
 class Auth:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         scripts: Scripts,
         admin_token: str | None,
         posts_per_minute: int,
@@ -209,7 +208,7 @@ class Auth:
             raise NotFound("no such token")
         await self._redis.delete(keys.token(token_digest.decode()))
         await self._redis.hdel(keys.user_tokens(handle), token_id)
-        await self._redis.publish(keys.CONTROL_CHANNEL, orjson.dumps({"revoked": token_id}))
+        await store.publish(self._redis, keys.CONTROL_CHANNEL, orjson.dumps({"revoked": token_id}))
 
     @staticmethod
     def may_act_for(who: Principal | None, handle: str) -> None:

@@ -7,8 +7,10 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +21,26 @@ from streamd.app import make_app
 from streamd.embedded import EmbeddedError, EmbeddedRedis
 from streamd.fanout import FanoutWorker
 from streamd.settings import Settings
+from streamd.supervisor import READY, SharedPort, Supervisor
 
 
 def _add_common(p: argparse.ArgumentParser, *, http: bool, redis_required: bool) -> None:
     if http:
         p.add_argument("--host", help="address to listen on (STREAMD_HOST, default 127.0.0.1)")
         p.add_argument("--port", type=int, help="port to listen on, 0 for any (STREAMD_PORT, default 8080)")
-    help_url = "Redis URL (STREAMD_REDIS_URL)"
+    help_url = "Redis URL (STREAMD_REDIS_URL); a Redis Cluster node is detected, and several nodes may be given, comma-separated"
     if not redis_required:
         help_url += "; without it a private server is started in --data-dir"
     p.add_argument("--redis-url", help=help_url)
     p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line")
+    what = "gateways sharing the port" if http else "fan-out workers"
+    p.add_argument(
+        "--workers", type=int, help=f"processes ({what}), restarted when they crash (STREAMD_WORKERS, default 1)"
+    )
+    if http:
+        # Given by the supervisor to its workers (supervisor.py).
+        p.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,15 +72,26 @@ def _add_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="a user, admin or embed token (STREAMD_TOKEN)")
 
 
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """How a gateway gets its listening socket: bound by itself (SO_REUSEPORT when
+    it is one of several workers), or inherited from the supervisor."""
+
+    reuse_port: bool = False
+    fd: int | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     if args.command in ("tail", "post"):
         # Clients of a gateway: none of the server's Settings apply.
         return _run_client(args)
+    listen = Listen(bool(vars(args).pop("reuse_port", None)), vars(args).pop("listen_fd", None))
     flags = {k: v for k, v in vars(args).items() if k != "command"}
     settings = Settings.from_env(**flags)
     logs.setup(settings.log_json)
-    commands: dict[str, Callable[[Settings], Coroutine[Any, Any, int]]] = {
+    commands: dict[str, Callable[[Settings, Listen], Coroutine[Any, Any, int]]] = {
         "run": run_all,
         "gateway": run_gateway,
         "fanout": run_fanout,
@@ -77,7 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run" and not settings.redis_url:
         print(f"streamd {args.command}: --redis-url (or STREAMD_REDIS_URL) is required", file=sys.stderr)
         return 2
-    return _run_loop(commands[args.command](settings))
+    if settings.workers < 1:
+        print(f"streamd {args.command}: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        return _run_loop(supervise(args.command, settings, argv))
+    return _run_loop(commands[args.command](settings, listen))
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -129,20 +156,25 @@ def admin_token_for(settings: Settings) -> str:
     return token
 
 
-async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines: list[str]) -> int:
+async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines: list[str], listen: Listen) -> int:
     stop = _stop_on_signals()
     app = make_app(settings, redis_url, with_worker=with_worker)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port, backlog=1024)
+        site: web.TCPSite | web.SockSite
+        if listen.fd is not None:
+            site = web.SockSite(runner, socket.socket(fileno=listen.fd))
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=listen.reuse_port or None)
         await site.start()
         host, port = _bound(site, settings)
         url = f"http://{host}:{port}"
         print(f"streamd {__version__} listening on {url}", flush=True)
-        print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
-        for line in lines:
-            print(f"  {line}", flush=True)
+        if not (listen.reuse_port or listen.fd is not None):  # else a worker: the supervisor says the rest
+            print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
+            for line in lines:
+                print(f"  {line}", flush=True)
         await stop.wait()
         print("streamd: stopping (closing sockets with 1001, finishing the fan-out batch)", flush=True)
     finally:
@@ -150,14 +182,14 @@ async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines
     return 0
 
 
-def _bound(site: web.TCPSite, settings: Settings) -> tuple[str, int]:
+def _bound(site: web.TCPSite | web.SockSite, settings: Settings) -> tuple[str, int]:
     server = site._server
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else settings.port
     return settings.host, port
 
 
-async def run_all(settings: Settings) -> int:
+async def run_all(settings: Settings, listen: Listen = Listen()) -> int:
     embedded: EmbeddedRedis | None = None
     lines: list[str] = []
     redis_url = settings.redis_url
@@ -170,7 +202,7 @@ async def run_all(settings: Settings) -> int:
         else:
             lines.append(f"Redis        {redis_url}")
         lines.append(f"Admin token  {admin}")
-        return await _serve(settings.replace(admin_token=admin), redis_url, with_worker=True, lines=lines)
+        return await _serve(settings.replace(admin_token=admin), redis_url, with_worker=True, lines=lines, listen=listen)
     except EmbeddedError as err:
         print(f"streamd: {err}", file=sys.stderr)
         return 1
@@ -179,16 +211,16 @@ async def run_all(settings: Settings) -> int:
             await asyncio.to_thread(embedded.stop)
 
 
-async def run_gateway(settings: Settings) -> int:
+async def run_gateway(settings: Settings, listen: Listen = Listen()) -> int:
     assert settings.redis_url
     admin = "configured" if settings.admin_token else "not set (admin routes answer 401)"
-    return await _serve(settings, settings.redis_url, with_worker=False, lines=[f"Admin token  {admin}"])
+    return await _serve(settings, settings.redis_url, with_worker=False, lines=[f"Admin token  {admin}"], listen=listen)
 
 
-async def run_fanout(settings: Settings) -> int:
+async def run_fanout(settings: Settings, listen: Listen = Listen()) -> int:
     assert settings.redis_url
     stop = _stop_on_signals()
-    client = store.connect(settings.redis_url, settings)
+    client = await store.open_client(settings.redis_url, settings)
     try:
         workers = [FanoutWorker(client, settings, shard=s) for s in range(settings.ingest_shards)]
         print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
@@ -196,3 +228,67 @@ async def run_fanout(settings: Settings) -> int:
     finally:
         await client.aclose()
     return 0
+
+
+async def supervise(command: str, settings: Settings, argv: list[str]) -> int:
+    """`--workers N`: N processes of `command`, kept running (supervisor.py).
+
+    Each worker is this command with `--workers 1`. Gateways share the port;
+    `run` starts the private Redis (if any) here, once, and gives every
+    worker its URL and the admin token. Every fan-out process reads every
+    ingest shard: the consumer group spreads the entries over them.
+    """
+    stop = _stop_on_signals()
+    base = [sys.executable, "-m", "streamd", *argv, "--workers", "1"]
+    env = dict(os.environ)
+    embedded: EmbeddedRedis | None = None
+    shared: SharedPort | None = None
+    lines: list[str] = []
+    try:
+        if command == "run":
+            admin = admin_token_for(settings)
+            env["STREAMD_ADMIN_TOKEN"] = admin
+            redis_url = settings.redis_url
+            if redis_url is None:
+                embedded = EmbeddedRedis(Path(settings.data_dir) / "redis", appendonly=True)
+                redis_url = await asyncio.to_thread(embedded.start)
+                lines.append(f"Redis        {redis_url} ({Path(embedded.binary or '').name}, data in {embedded.data_dir})")
+                base += ["--redis-url", redis_url]
+            else:
+                lines.append(f"Redis        {redis_url}")
+            lines.append(f"Admin token  {admin}")
+        if command in ("run", "gateway"):
+            shared = SharedPort.bind(settings.host, settings.port)
+            base += shared.worker_args()
+        supervisor = Supervisor(
+            base,
+            settings.workers,
+            env=env,
+            pass_fds=shared.pass_fds() if shared else (),
+            ready_line=READY if shared else b"fan-out worker",
+        )
+        running = asyncio.create_task(supervisor.run(stop))
+        if await supervisor.wait_ready():
+            how = "" if shared is None else (", SO_REUSEPORT" if shared.reuse_port else ", one shared socket")
+            pids = " ".join(map(str, supervisor.pids()))
+            if shared is not None:
+                url = f"http://{shared.host}:{shared.port}"
+                print(f"streamd {__version__} listening on {url}", flush=True)
+                print(f"  WebSocket    ws://{shared.host}:{shared.port}/v1/ws", flush=True)
+            else:
+                print(f"streamd {__version__} fan-out workers on {settings.redis_url}", flush=True)
+            print(f"  Workers      {settings.workers} {command} processes{how} (pids {pids})", flush=True)
+            for line in lines:
+                print(f"  {line}", flush=True)
+        status = await running
+        if status:
+            print(f"streamd: the {command} workers could not be started; see their log lines above", file=sys.stderr)
+        return status
+    except EmbeddedError as err:
+        print(f"streamd: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if shared is not None:
+            shared.close()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)

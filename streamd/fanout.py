@@ -20,20 +20,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, TimeoutError as RedisTimeoutError
+from redis.exceptions import NoScriptError, ResponseError
 
 from streamd import keys
 from streamd.feeds import expand
 from streamd.metrics import Metrics
 from streamd.posts import build_post, post_id_for
 from streamd.settings import Settings
-from streamd.store import Scripts
+from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Script, Scripts
 
 log = logging.getLogger("streamd.fanout")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+# A blocked XREADGROUP whose stream moved away or was deleted; a group that is gone.
+LOST_STREAM = ("UNBLOCKED", "NOGROUP")
+Write = tuple[Script, list[str], list[Any]]  # a script, its keys, its args
 
 
 def consumer_name() -> str:
@@ -43,7 +44,7 @@ def consumer_name() -> str:
 class FanoutWorker:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AnyRedis,
         settings: Settings,
         *,
         consumer: str | None = None,
@@ -59,6 +60,7 @@ class FanoutWorker:
         self._stream = keys.ingest_stream(shard)
         self._dead = keys.dead_letter_stream(shard)
         self.processed = 0
+        self._replicas = Replicas(client, settings)
 
     async def ensure_group(self) -> None:
         try:
@@ -83,7 +85,11 @@ class FanoutWorker:
                         next_claim = now + self._settings.claim_every_seconds
                     await self.step(block_ms=500)
                     backoff = 0.1
-            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+            except (*TRANSIENT_ERRORS, ResponseError) as err:
+                if isinstance(err, ResponseError) and not str(err).startswith(LOST_STREAM):
+                    raise
+                # LOST_STREAM: the stream left this node (its slot migrated) or
+                # was deleted while we were blocked on it: find it again.
                 log.warning("fanout: redis unavailable (%s); retrying in %.1fs", err, backoff)
                 try:
                     await asyncio.wait_for(stop.wait(), backoff)
@@ -140,33 +146,50 @@ class FanoutWorker:
 
         A lost connection raises, and the entries stay pending to be retried
         (by this worker's next claim or another's); a worker that dies after
-        this and before the ack leaves them pending in the same way. An entry
-        that Redis itself refuses (a script error: the entry is malformed)
-        would fail forever, so it goes to the dead letters instead.
+        this and before the ack leaves them pending in the same way. So does a
+        cluster in the middle of a failover or a migration, and, with
+        `wait_replicas`, writes that too few replicas confirmed in time. An
+        entry that Redis itself refuses (a script error: the entry is
+        malformed) would fail forever, so it goes to the dead letters instead.
         """
-        pipe = self._redis.pipeline(transaction=False)
         epoch = secrets.token_hex(4)
-        planned: list[tuple[bytes, dict[bytes, bytes], int]] = []  # entry, its commands
+        planned: list[tuple[bytes, dict[bytes, bytes], list[Write]]] = []
         for raw_id, fields in entries:
-            before = len(pipe)
             try:
-                await self._plan(pipe, raw_id.decode(), fields, epoch)
+                writes = self._plan(raw_id.decode(), fields, epoch)
             except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
                 await self._dead_letter(raw_id, fields, f"unparseable ingest entry: {err!r}")
                 continue
-            planned.append((raw_id, fields, len(pipe) - before))
+            planned.append((raw_id, fields, writes))
         if not planned:
             return []
-        results = iter(await pipe.execute(raise_on_error=False))
+        written = [keys_[0] for _, _, writes in planned for _, keys_, _ in writes]
+        wait = await self._replicas.plan(written)
+
+        async def build(pipe: AnyPipeline) -> None:
+            for _, _, writes in planned:
+                for script, keys_, args in writes:
+                    await script(keys=keys_, args=args, client=pipe)
+            wait.queue(pipe)
+
+        results = await self._scripts.run(self._redis, build)
+        wait.check(results[len(results) - len(wait) :] if len(wait) else [])
+        replies_of = iter(results)
         done: list[bytes] = []
-        for raw_id, fields, count in planned:
-            replies = [next(results) for _ in range(count)]
-            errors = [r for r in replies if isinstance(r, ResponseError)]
+        refused: list[tuple[bytes, dict[bytes, bytes], ResponseError]] = []
+        for raw_id, fields, writes in planned:
+            replies = [next(replies_of) for _ in writes]
+            errors = [r for r in replies if isinstance(r, Exception)]
+            transient = [e for e in errors if isinstance(e, (*TRANSIENT_ERRORS, NoScriptError))]
+            if transient:
+                raise transient[0]  # nothing of this batch is acked: it is all retried
             if errors:
-                await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {errors[0]}")
+                refused.append((raw_id, fields, errors[0]))
             else:
                 done.append(raw_id)
                 self._count(raw_id, fields, replies)
+        for raw_id, fields, err in refused:
+            await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {err}")
         return done
 
     def _count(self, raw_id: bytes, fields: dict[bytes, bytes], replies: list[Any]) -> None:
@@ -182,31 +205,34 @@ class FanoutWorker:
         for entry_id in written:
             m.ingest_lag.observe(max(0, int(entry_id.partition(b"-")[0]) - created) / 1000)
 
-    async def _plan(self, pipe: Any, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> None:
-        """Queue the feed writes of one ingest entry: a post, or the delete of one."""
+    def _plan(self, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> list[Write]:
+        """The feed writes of one ingest entry: a post, or the delete of one."""
         if b"x" in fields:
             post_id = fields[b"x"].decode()
             feeds = orjson.loads(fields[b"f"])
             if not isinstance(feeds, list):
                 raise TypeError("feeds of a delete must be a list")
-            for feed in feeds:
-                await self._scripts.feed_delete(
-                    keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
-                    args=[keys.feed_channel(feed), feed, post_id, epoch],
-                    client=pipe,
+            return [
+                (
+                    self._scripts.feed_delete,
+                    [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                    [keys.feed_channel(feed), feed, post_id, epoch],
                 )
-            return
+                for feed in feeds
+            ]
         author = fields[b"a"].decode()
         post_id = post_id_for(entry_id, self._shard, self._settings.ingest_shards)
         post = build_post(post_id, author, fields[b"d"])
         lists = orjson.loads(fields.get(b"l", b"[]"))
         post_json = orjson.dumps(post)
-        for feed in expand(author, post["events"], lists):
-            await self._scripts.feed_append(
-                keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
-                args=[keys.feed_channel(feed), feed, post_id, post_json, self._settings.feed_history_len, epoch],
-                client=pipe,
+        return [
+            (
+                self._scripts.feed_append,
+                [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                [keys.feed_channel(feed), feed, post_id, post_json, self._settings.feed_history_len, epoch],
             )
+            for feed in expand(author, post["events"], lists)
+        ]
 
     async def _dead_letter(self, raw_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}
@@ -225,8 +251,11 @@ class FanoutWorker:
             candidates = [group["last-delivered-id"]]
             if group["pending"]:
                 summary = await self._redis.xpending(self._stream, group["name"])
+                # None when another worker acked the last pending entry in between.
                 candidates.append(summary["min"])
             for c in candidates:
+                if c is None:
+                    continue
                 text = c.decode() if isinstance(c, bytes) else c
                 ms, _, seq = text.partition("-")
                 value = (int(ms), int(seq or 0))
@@ -241,5 +270,5 @@ class FanoutWorker:
             )
             if not pending:
                 await self._redis.xgroup_delconsumer(self._stream, keys.FANOUT_GROUP, self.consumer)
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError):
+        except (*TRANSIENT_ERRORS, ResponseError):
             pass

@@ -35,6 +35,7 @@ from streamd.protocol import (
 )
 from streamd.ratelimit import Bucket, KeyedLimiter
 from streamd.settings import Settings
+from streamd.store import TRANSIENT_ERRORS
 
 log = logging.getLogger("streamd.gateway")
 
@@ -73,7 +74,7 @@ class Session:
             await self.dispatch(op)
         except StreamdError as err:
             self._answer(op, err)
-        except (RedisError, OSError) as err:
+        except (RedisError, *TRANSIENT_ERRORS) as err:
             log.warning("redis unavailable during %s: %r", op.op, err)
             self._answer(op, Unavailable("storage is unavailable, try again"))
 
@@ -147,6 +148,9 @@ class Session:
                 handoff.replayed(entry_id)
                 hub.send(conn, history.item_frame(feed, snap.epoch, entry))
                 after = entry_id
+                if conn.pending_bytes > self.settings.socket_buffer_bytes // 4:
+                    # A page can be larger than the socket's bound: write as we go.
+                    await self._drain()
             else:
                 if len(entries) == page:
                     await self._drain()
@@ -187,7 +191,10 @@ async def websocket_handler(
         compress=False,
         heartbeat=settings.ws_ping_seconds,
     )
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionError:
+        return ws  # the client left during the upgrade
     transport = request.transport
     assert transport is not None
     conn = Connection(ws, transport)

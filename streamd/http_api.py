@@ -10,6 +10,7 @@ from streamd.errors import BadRequest, Forbidden, NotFound
 from streamd.feeds import expand, parse_feed
 from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response, read_object, token_of
 from streamd.posts import build_post, ingest_shard, shard_of_post, valid_post_id, validate_new_post
+from streamd.store import AnyPipeline, Replicas
 
 routes = web.RouteTableDef()
 
@@ -63,19 +64,36 @@ async def create_post(request: web.Request) -> web.Response:
     shard = ingest_shard(author, settings.ingest_shards)
     stream = keys.ingest_stream(shard)
     key_digest = new.idempotency_digest()
-    created, post_id, body_json = await request.app[SCRIPTS].ingest_post(
-        keys=[stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, keys.post_record(shard, "")],
-        args=[
-            author,
-            new.body_json(),
-            orjson.dumps(lists),
-            orjson.dumps(feeds),
-            settings.idempotency_ttl_seconds if key_digest else 0,
-            settings.post_retention_seconds,
-            shard,
-            settings.ingest_shards,
-        ],
-    )
+    script_keys = [stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, keys.post_record(shard, "")]
+    script_args = [
+        author,
+        new.body_json(),
+        orjson.dumps(lists),
+        orjson.dumps(feeds),
+        settings.idempotency_ttl_seconds if key_digest else 0,
+        settings.post_retention_seconds,
+        shard,
+        settings.ingest_shards,
+    ]
+    scripts = request.app[SCRIPTS]
+    if settings.wait_replicas:
+        # Accepted means on the replicas too: a failover right after the 201
+        # cannot lose the post. Else 503, and a retry with the same
+        # idempotency key answers with the post if it was kept after all.
+        client = request.app[REDIS]
+        wait = await Replicas(client, settings).plan([stream])
+
+        async def build(pipe: AnyPipeline) -> None:
+            await scripts.ingest_post(keys=script_keys, args=script_args, client=pipe)
+            wait.queue(pipe)
+
+        reply, *waited = await scripts.run(client, build)
+        if isinstance(reply, Exception):
+            raise reply
+        wait.check(waited)
+        created, post_id, body_json = reply
+    else:
+        created, post_id, body_json = await scripts.ingest_post(keys=script_keys, args=script_args)
     post = build_post(post_id.decode(), author, body_json)
     headers = None if created else {"Idempotent-Replayed": "true"}
     return json_response({"post": post}, status=201, headers=headers)

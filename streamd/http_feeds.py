@@ -6,8 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from streamd import cursors, history, keys
-from streamd.errors import CloseCode, StreamdError
+from streamd import cursors, history, keys, store
+from streamd.errors import CloseCode, StreamdError, Unavailable
 from streamd.feeds import parse_feed
 from streamd.gateway import Session
 from streamd.http_base import AUTH, HUB, LISTS, REDIS, SETTINGS, query_int, token_of
@@ -74,7 +74,9 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     if cursor is not None:
         cursors.decode(cursor)
     backlog = query_int(request, "backlog", 0, 0, settings.max_backlog)
-    await request.app[REDIS].ping()  # Redis down: a 503 now, not a stream that says nothing
+    if not await store.answers(request.app[REDIS], timeout=2.0):
+        # Redis down: a 503 now, not a stream that says nothing.
+        raise Unavailable("storage is unavailable, try again")
 
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

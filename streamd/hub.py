@@ -88,7 +88,7 @@ class Connection:
 
 
 class FeedState:
-    __slots__ = ("feed", "channel", "live", "sse", "syncing", "filters", "last", "resync", "ready")
+    __slots__ = ("feed", "channel", "live", "sse", "syncing", "filters", "last", "resync", "again", "ready")
 
     def __init__(self, feed: str, channel: bytes) -> None:
         self.feed = feed
@@ -102,6 +102,7 @@ class FeedState:
         self.filters: dict[Connection, EntryId] = {}
         self.last: EntryId = cursors.ZERO  # newest entry received live
         self.resync: Handoff | None = None  # set while refilling after a reconnect
+        self.again = False  # the live stream broke again during the refill: read once more
         self.ready: asyncio.Future[None] | None = None
 
 
@@ -422,8 +423,10 @@ class Hub:
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
         finally:
-            if not conn.transport.is_closing():
-                conn.transport.abort()
+            # Unconditionally: after a timed-out close, aiohttp has called the
+            # graceful transport.close(), which would wait for a peer that does
+            # not read, holding the socket and its buffers.
+            conn.transport.abort()
 
     async def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Flush what is queued, then close every socket with `code`."""
@@ -452,25 +455,39 @@ class Hub:
                 elif now - conn.last_write >= (ws_quiet if conn.ws is not None else sse_quiet):
                     self.send(conn, payload)
 
-    async def _resync_all(self) -> None:
-        """After a lost Redis connection, fill in every feed from its history."""
-        for st in list(self._by_feed.values()):
-            if st.resync is None and (st.live or st.sse):
-                await self._resync(st)
+    def _resync_all(self, channels: frozenset[bytes]) -> None:
+        """The live stream of `channels` broke and is back: fill in their feeds
+        from the histories. Called before any new message of theirs is read."""
+        for channel in channels:
+            st = self._by_channel.get(channel)
+            if st is None or not (st.live or st.sse or st.syncing):
+                continue
+            if st.resync is not None:
+                st.again = True  # a refill is running: it reads the history once more
+                continue
+            # Hold the feed's live items now, not when its refill starts: a
+            # live item delivered meanwhile would move `last` past the items
+            # the history read is about to find.
+            st.resync = Handoff(last=st.last)
+            self._keep(asyncio.ensure_future(self._resync(st)))
 
     async def _resync(self, st: FeedState) -> None:
-        st.resync = Handoff(last=st.last)
+        assert st.resync is not None
         try:
             snap = await history.snapshot(self.redis, st.feed, 1)
-            after = st.last
             while True:
-                entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
-                for entry in entries:
-                    entry_id = cursors.parse_entry_id(entry[0])
-                    if st.resync.replayed(entry_id):
-                        self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
-                    after = entry_id
-                if len(entries) < self._settings.replay_page:
+                st.again = False
+                after = st.resync.last
+                while True:
+                    entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
+                    for entry in entries:
+                        entry_id = cursors.parse_entry_id(entry[0])
+                        if st.resync.replayed(entry_id):
+                            self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
+                        after = entry_id
+                    if len(entries) < self._settings.replay_page:
+                        break
+                if not st.again:
                     break
         except Exception:
             log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)

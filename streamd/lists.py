@@ -14,16 +14,15 @@ import time
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
-from streamd import keys
+from streamd import keys, store
 from streamd.access import can_manage_list, can_read, can_view_list
 from streamd.auth import Principal
 from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from streamd.feeds import LIST_ID_RE, parse_feed
 from streamd.protocol import error_frame
 from streamd.settings import Settings
-from streamd.store import Scripts
+from streamd.store import AnyRedis, Scripts
 
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 500
@@ -59,7 +58,7 @@ def validate_list_fields(body: Any, *, partial: bool) -> dict[str, str]:
 
 
 class Lists:
-    def __init__(self, client: aioredis.Redis, scripts: Scripts, settings: Settings) -> None:
+    def __init__(self, client: AnyRedis, scripts: Scripts, settings: Settings) -> None:
         self._redis = client
         self._scripts = scripts
         self._settings = settings
@@ -120,7 +119,7 @@ class Lists:
         if record["visibility"] == "public" and updated["visibility"] == "private":
             # Gateways re-check every live reader of the feed.
             feed = f"list:{record['id']}"
-            await self._redis.publish(keys.feed_channel(feed), b"!acl")
+            await store.publish(self._redis, keys.feed_channel(feed), b"!acl")
         return updated
 
     async def delete(self, record: dict[str, Any]) -> None:

@@ -1,11 +1,23 @@
-"""Live channels: one dedicated Redis connection carrying every feed subscription.
+"""Live channels: the process's subscriptions to feed channels, one connection per Redis node.
 
 A process subscribes to a feed's channel once, however many local sockets
 read it. `subscribe` returns when Redis has confirmed the subscription, so a
 reader of the history after that point cannot miss an item: anything not yet
-in the history is published after the confirmation. After a lost connection
-the channels are subscribed again and `on_resync` is told, so the hub can fill
-in from the histories what was published meanwhile.
+in the history is published after the confirmation.
+
+With one Redis server there is one connection (SUBSCRIBE). Under Redis
+Cluster the channels are sharded (SSUBSCRIBE): a feed's channel shares the
+hash tag of the feed's keys, so it lives on the master that writes the feed,
+and there is one connection per master that owns a subscribed channel.
+
+A channel's live stream breaks when its connection is lost, when the server
+drops it because its slot moved (a migration or a failover: Redis pushes
+`sunsubscribe`), or when a subscribe is refused with MOVED. The channel is
+then routed again from a refreshed slot table (with one server: the same
+server, after a back-off) and subscribed on its owner. As soon as a channel
+that had been live is confirmed again, `on_resync` is called with it, before
+any of its messages is passed on: the hub holds its live items and fills in
+from the history what was published meanwhile.
 """
 
 from __future__ import annotations
@@ -14,128 +26,335 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
+from redis.exceptions import MovedError, RedisClusterException, ResponseError, SlotNotCoveredError
 
 from streamd.metrics import Metrics
+from streamd.store import TRANSIENT_ERRORS, AnyRedis
 
 log = logging.getLogger("streamd.live")
 
 OnMessage = Callable[[bytes, bytes], None]
-OnResync = Callable[[], Awaitable[None]]
+# Called with channels that are live again after a break, before their next message.
+OnResync = Callable[[frozenset[bytes]], None]
+
+
+class _Single:
+    """One Redis server: every channel on the one connection, classic pub/sub."""
+
+    sharded = False
+    verbs = (b"subscribe", b"unsubscribe", b"message")
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._pool = client.connection_pool
+
+    def address(self, channel: bytes) -> str:
+        return ""
+
+    async def refresh(self) -> None:
+        pass
+
+    def connection(self, address: str) -> AbstractConnection:
+        kwargs = dict(self._pool.connection_kwargs)
+        # Nobody but the read loop may read from this connection.
+        kwargs["health_check_interval"] = 0
+        kwargs["socket_timeout"] = None
+        conn: AbstractConnection = self._pool.connection_class(**kwargs)
+        return conn
+
+
+class _Sharded:
+    """Redis Cluster: each channel on the master that owns its slot, sharded pub/sub."""
+
+    sharded = True
+    verbs = (b"ssubscribe", b"sunsubscribe", b"smessage")
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._nodes = client.nodes_manager
+
+    def address(self, channel: bytes) -> str:
+        slot = key_slot(channel)
+        try:
+            return str(self._nodes.get_node_from_slot(slot).name)
+        except (KeyError, IndexError, TypeError):  # no slot table yet
+            raise SlotNotCoveredError(f"slot {slot} is not in the slot table") from None
+
+    async def refresh(self) -> None:
+        # The client's own first initialisation (its command table too) must
+        # not be skipped by our refresh of the slot table it shares.
+        await self._client.initialize()
+        await self._nodes.initialize()
+
+    def connection(self, address: str) -> AbstractConnection:
+        node = self._nodes.get_node(node_name=address)
+        if node is None:
+            raise RedisClusterException(f"no cluster node {address}")
+        kwargs = dict(node.connection_kwargs)
+        kwargs["health_check_interval"] = 0
+        kwargs["socket_timeout"] = None
+        conn: AbstractConnection = node.connection_class(**kwargs)
+        return conn
+
+
+class _Link:
+    """One connection to one node and the channels routed to it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.conn: AbstractConnection | None = None
+        self.channels: set[bytes] = set()  # routed here
+        self.confirmed: set[bytes] = set()  # and confirmed by the server
+        # The replies still owed to commands sent, in order: (kind, channel).
+        # A `sunsubscribe` that is not one of them is the server dropping a
+        # channel whose slot moved away.
+        self.owed: deque[tuple[bytes, bytes]] = deque()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.conn is not None
 
 
 class LiveChannels:
     def __init__(
-        self, client: aioredis.Redis, on_message: OnMessage, on_resync: OnResync, metrics: Metrics | None = None
+        self, client: AnyRedis, on_message: OnMessage, on_resync: OnResync, metrics: Metrics | None = None
     ) -> None:
-        self._pool = client.connection_pool
+        self._router: _Single | _Sharded = _Sharded(client) if isinstance(client, RedisCluster) else _Single(client)
+        self._subscribe, self._unsubscribe, self._message = self._router.verbs
         self._metrics = metrics if metrics is not None else Metrics()
         self._on_message = on_message
         self._on_resync = on_resync
-        self._conn: aioredis.connection.AbstractConnection | None = None
         self._wanted: set[bytes] = set()
+        self._links: dict[str, _Link] = {}
+        self._route: dict[bytes, _Link] = {}
+        self._homeless: set[bytes] = set()  # wanted, routed nowhere yet
+        self._broken: set[bytes] = set()  # were live, and will need a refill once confirmed
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        # Set while Redis is reachable: at least one connection is up.
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self._rehome_needed = asyncio.Event()
+        self._backoff = 0.05
         self._task: asyncio.Task[None] | None = None
-        self._resync: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def sharded(self) -> bool:
+        return self._router.sharded
 
     async def __aenter__(self) -> LiveChannels:
-        self._task = asyncio.create_task(self._run(), name="streamd-live")
+        self._task = asyncio.create_task(self._rehome_loop(), name="streamd-live")
+        if not self.sharded:
+            # One server: keep its connection up even with nothing subscribed,
+            # so that `connected` says whether Redis is reachable.
+            self._link_for("")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        if self._conn is not None:
-            await self._conn.disconnect(nowait=True)
+        self._closed = True
+        tasks = [t for t in (self._task, *(link.task for link in self._links.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for link in list(self._links.values()):
+            if link.conn is not None:
+                await link.conn.disconnect(nowait=True)
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
                     fut.cancel()
 
+    # -- the API ------------------------------------------------------------------
+
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe (idempotent per channel) and wait for Redis to confirm."""
-        fut = self._waiter(channel)
-        self._wanted.add(channel)
-        if self.connected.is_set():
-            await self._send("SUBSCRIBE", channel)
-        # Otherwise the reconnect loop subscribes every wanted channel.
-        await fut
-
-    def _waiter(self, channel: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, []).append(fut)
-        return fut
-
-    async def _resync_when_confirmed(self, confirmations: list[asyncio.Future[None]]) -> None:
-        # Read the histories only once every channel is live again, so that
-        # whatever is missing from them is sure to arrive as a message.
-        await asyncio.gather(*confirmations)
-        await self._on_resync()
+        self._wanted.add(channel)
+        link = self._route.get(channel)
+        if link is None:
+            await self._assign(channel)
+        elif link.up:
+            await self._send(link, self._subscribe, [channel])
+        await fut
 
     async def unsubscribe(self, channel: bytes) -> None:
         self._wanted.discard(channel)
-        if self.connected.is_set():
-            await self._send("UNSUBSCRIBE", channel)
+        self._homeless.discard(channel)
+        self._broken.discard(channel)
+        link = self._route.pop(channel, None)
+        if link is not None:
+            link.channels.discard(channel)
+            link.confirmed.discard(channel)
+            if link.up:
+                await self._send(link, self._unsubscribe, [channel])
 
-    async def _send(self, *args: str | bytes) -> None:
-        conn = self._conn
+    # -- routing ------------------------------------------------------------------
+
+    async def _assign(self, channel: bytes) -> None:
+        """Route a wanted channel to its node's link; subscribe now if that link is up
+        (else the link subscribes everything routed to it once it connects)."""
+        try:
+            address = self._router.address(channel)
+        except RedisClusterException:  # no slot table yet
+            self._make_homeless([channel])
+            return
+        link = self._link_for(address)
+        link.channels.add(channel)
+        self._route[channel] = link
+        if link.up:
+            await self._send(link, self._subscribe, [channel])
+
+    def _link_for(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(address)
+            link.task = asyncio.create_task(self._run(link), name=f"streamd-live-{address or 'redis'}")
+        return link
+
+    def _make_homeless(self, channels: Iterable[bytes]) -> None:
+        for channel in channels:
+            if channel in self._wanted:
+                self._route.pop(channel, None)
+                self._homeless.add(channel)
+        if self._homeless:
+            self._rehome_needed.set()
+
+    async def _rehome_loop(self) -> None:
+        """Route the homeless channels again, after a back-off and a fresh slot table."""
+        while True:
+            await self._rehome_needed.wait()
+            await asyncio.sleep(self._backoff * random.uniform(0.5, 1.5))
+            self._backoff = min(self._backoff * 2, 5.0)
+            try:
+                await self._router.refresh()
+            except (*TRANSIENT_ERRORS, RedisClusterException) as err:
+                log.warning("live: cannot read the cluster's slots (%s); retrying", err)
+                continue
+            self._rehome_needed.clear()
+            homeless, self._homeless = self._homeless, set()
+            for channel in homeless:
+                if channel in self._wanted and channel not in self._route:
+                    await self._assign(channel)
+            if not self.sharded and "" not in self._links:
+                self._link_for("")
+
+    # -- one connection -----------------------------------------------------------
+
+    async def _run(self, link: _Link) -> None:
+        conn = self._router.connection(link.address)
+        try:
+            await conn.connect()
+            link.conn = conn
+            if link.channels:
+                await self._send(link, self._subscribe, sorted(link.channels))
+            self.connected.set()
+            await self._read(link, conn)
+        except (*TRANSIENT_ERRORS, RedisClusterException) as err:
+            if link.up:
+                log.warning("live: redis connection lost (%s); reconnecting", err)
+            else:
+                log.debug("live: cannot connect to %s (%s)", link.address or "redis", err)
+        finally:
+            was_up = link.up
+            link.conn = None
+            await conn.disconnect(nowait=True)
+            if self._links.get(link.address) is link:
+                del self._links[link.address]
+            if not any(other.up for other in self._links.values()):
+                self.connected.clear()
+            if not self._closed:
+                if was_up:
+                    self.reconnects += 1
+                    self._metrics.live_reconnects.inc()
+                self._broken |= link.confirmed & self._wanted
+                self._make_homeless(link.channels)
+                if not self.sharded:
+                    self._rehome_needed.set()  # the one connection comes back even with no channel
+
+    async def _send(self, link: _Link, verb: bytes, channels: list[bytes]) -> None:
+        conn = link.conn
         if conn is None:
             return
+        if self.sharded:
+            # Every channel of one SSUBSCRIBE must hash to one slot: one command each.
+            commands = [(verb, channel) for channel in channels]
+        else:
+            commands = [(verb, *channels)]
+        link.owed.extend((verb, channel) for channel in channels)
         try:
-            await conn.send_command(*args, check_health=False)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            pass  # the read loop sees the broken connection and reconnects
+            # With no socket timeout, the bytes are written before the first await.
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        except (*TRANSIENT_ERRORS,):
+            pass  # the read loop sees the broken connection
 
-    async def _run(self) -> None:
-        backoff = 0.05
-        while True:
-            kwargs = dict(self._pool.connection_kwargs)
-            # Nobody but the read loop may read from this connection.
-            kwargs["health_check_interval"] = 0
-            kwargs["socket_timeout"] = None
-            conn = self._pool.connection_class(**kwargs)
-            try:
-                await conn.connect()
-                self._conn = conn
-                confirmations = [self._waiter(ch) for ch in self._wanted]
-                if self._wanted:
-                    await conn.send_command("SUBSCRIBE", *self._wanted, check_health=False)
-                self.connected.set()
-                if self.reconnects:
-                    self._metrics.live_reconnects.inc()
-                    self._resync = asyncio.create_task(self._resync_when_confirmed(confirmations))
-                backoff = 0.05
-                await self._read(conn)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-                if self.connected.is_set():
-                    log.warning("live: redis connection lost (%s); reconnecting", err)
-            finally:
-                self.connected.clear()
-                self._conn = None
-                await conn.disconnect(nowait=True)
-            self.reconnects += 1
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, 5.0)
-
-    async def _read(self, conn: aioredis.connection.AbstractConnection) -> None:
+    async def _read(self, link: _Link, conn: AbstractConnection) -> None:
         on_message = self._on_message
+        message = self._message
         while True:
-            # push_request: subscribe replies and messages are push data to redis-py.
-            reply = await conn.read_response(timeout=math.inf, push_request=True)
+            try:
+                # push_request: subscribe replies and messages are push data to redis-py.
+                reply = await conn.read_response(timeout=math.inf, push_request=True, disconnect_on_error=False)
+            except ResponseError as err:
+                # The reply to the oldest command still owed one: refused.
+                kind, channel = link.owed.popleft() if link.owed else (b"", b"")
+                self._refused(link, kind, channel, err)
+                continue
             kind = reply[0]
-            if kind == b"message":
+            if kind == message:
                 on_message(reply[1], reply[2])
-            elif kind == b"subscribe":
-                for fut in self._waiters.pop(reply[1], ()):
-                    if not fut.done():
-                        fut.set_result(None)
+                continue
+            channel = reply[1]
+            owed = bool(link.owed) and link.owed[0] == (kind, channel)
+            if owed:
+                link.owed.popleft()
+            if kind == self._subscribe:
+                self._confirmed(link, channel)
+            elif kind == self._unsubscribe and not owed:
+                self._dropped(link, channel)
+
+    def _confirmed(self, link: _Link, channel: bytes) -> None:
+        if channel not in self._wanted or self._route.get(channel) is not link:
+            return  # unsubscribed or moved meanwhile; its SUNSUBSCRIBE follows
+        link.confirmed.add(channel)
+        self._backoff = 0.05
+        if channel in self._broken:
+            self._broken.discard(channel)
+            # Before any message of the channel is read from this connection.
+            self._on_resync(frozenset((channel,)))
+        for fut in self._waiters.pop(channel, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _dropped(self, link: _Link, channel: bytes) -> None:
+        """The server unsubscribed us: the channel's slot is no longer served there."""
+        if channel in self._wanted and self._route.get(channel) is link:
+            log.info("live: %s moved off %s; subscribing on its new owner", channel.decode(errors="replace"), link.address)
+            link.channels.discard(channel)
+            if channel in link.confirmed:
+                link.confirmed.discard(channel)
+                self._broken.add(channel)
+            self._make_homeless([channel])
+
+    def _refused(self, link: _Link, kind: bytes, channel: bytes, err: ResponseError) -> None:
+        if kind != self._subscribe or channel not in self._wanted or self._route.get(channel) is not link:
+            log.warning("live: redis refused %s %r: %s", kind.decode(), channel, err)
+            return
+        link.channels.discard(channel)
+        if isinstance(err, MovedError):  # the slot table was stale
+            self._make_homeless([channel])
+            return
+        log.error("live: redis refused to subscribe to %r: %s", channel, err)
+        self._wanted.discard(channel)
+        self._route.pop(channel, None)
+        for fut in self._waiters.pop(channel, ()):
+            if not fut.done():
+                fut.set_exception(err)
+

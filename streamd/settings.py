@@ -18,6 +18,11 @@ class Settings:
     data_dir: str = "./streamd-data"
     # None: admin routes answer 401 (a gateway with no admin token configured).
     admin_token: str | None = None
+    # Redis Cluster: None asks the node at `redis_url` (which may list several
+    # nodes, comma-separated); true or false decides without asking.
+    redis_cluster: bool | None = None
+    # Processes for `streamd gateway|fanout|run --workers N` (supervisor.py).
+    workers: int = 1
 
     # Protocol limits (the defaults of ../PROTOCOL.md).
     max_text_chars: int = 1000
@@ -54,6 +59,11 @@ class Settings:
 
     # Ingest.
     ingest_shards: int = 1
+    # Durability with replicas: a post is accepted (201), and a fan-out batch
+    # acknowledged, only once this many replicas have its writes (Redis WAIT,
+    # up to `wait_timeout_ms`); else 503 and the batch is retried. 0: no wait.
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
     idempotency_ttl_seconds: int = 24 * 3600
 
     # Fan-out worker.

@@ -4,6 +4,8 @@
 -- ARGV[1] live channel     ARGV[2] feed name   ARGV[3] post id
 -- ARGV[4] post JSON        ARGV[5] max history length
 -- ARGV[6] epoch to adopt if the feed has none yet
+-- PUBLISH is defined by store.py: 'SPUBLISH' under Redis Cluster (the channel
+-- shares the feed's hash tag, so its shard is the one holding these keys).
 --
 -- Returns the item's entry id, or false when nothing was appended: the post
 -- is already in the feed (a redelivered ingest entry), was deleted before it
@@ -29,7 +31,7 @@ redis.call('HSET', index, post_id, id)
 -- writes the frame bytes as they are.
 local frame = '{"op":"post","feed":"' .. feed .. '","cursor":"' .. epoch .. '.' .. id ..
   '","post":' .. post_json .. '}'
-redis.call('PUBLISH', channel, id .. ' ' .. frame)
+redis.call(PUBLISH, channel, id .. ' ' .. frame)
 
 -- Exact trimming, amortised: once the history exceeds its bound by a tenth,
 -- cut it back and remember the newest trimmed id so resumes can report gaps.

@@ -3,6 +3,8 @@
 -- KEYS[1] history stream   KEYS[2] meta hash   KEYS[3] post index hash
 -- ARGV[1] live channel     ARGV[2] feed name   ARGV[3] post id
 -- ARGV[4] epoch to adopt if the feed has none yet
+-- PUBLISH is defined by store.py: 'SPUBLISH' under Redis Cluster (the channel
+-- shares the feed's hash tag, so its shard is the one holding these keys).
 --
 -- The index keeps "x" for a deleted post, so a redelivered delete sends
 -- nothing twice and a post append arriving after its delete is skipped.
@@ -29,5 +31,5 @@ end
 local id = redis.call('XADD', stream, '*', 't', 'delete', 'pid', post_id)
 local frame = '{"op":"delete","feed":"' .. feed .. '","cursor":"' .. epoch .. '.' .. id ..
   '","post_id":"' .. post_id .. '"}'
-redis.call('PUBLISH', channel, id .. ' ' .. frame)
+redis.call(PUBLISH, channel, id .. ' ' .. frame)
 return id

@@ -1,0 +1,126 @@
+"""Redis Cluster: telling a cluster node from a single server, and the client for a cluster.
+
+The client is redis-py's `RedisCluster` (slot table, MOVED/ASK, failover
+re-discovery, pipelines split by node) with one change: a command waits for a
+free connection instead of failing. redis-py's cluster pool raises
+`MaxConnectionsError` once a node has `max_connections` connections in use,
+and a reconnect storm of subscribes would hit that; here at most
+`redis_pool_size` commands or pipelines are in flight per process, each using
+at most one connection per node, so no node's pool is ever exhausted.
+
+Live channels do not use this client's pools: `live.py` opens its own
+connection to each master that owns a subscribed channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextvars import ContextVar
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streamd.settings import Settings
+
+log = logging.getLogger("streamd.cluster")
+
+# Set inside a gated call: a command that the client itself issues while
+# running another (a redirected pipeline command) does not wait a second time.
+_INSIDE: ContextVar[bool] = ContextVar("streamd_cluster_gate", default=False)
+
+
+async def detect(urls: list[str], timeout: float = 2.0) -> bool:
+    """Whether the first node that answers has cluster mode enabled.
+
+    No node answering counts as a single server, with a warning: set
+    `STREAMD_REDIS_CLUSTER` to decide without asking (a gateway that starts
+    while its seed node is down still gets the right client).
+    """
+    for url in urls:
+        client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            info = await client.info("cluster")
+            return bool(info.get("cluster_enabled"))
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            continue
+        finally:
+            await client.aclose()
+    log.warning(
+        "redis at %s does not answer: taking it for a single server "
+        "(set STREAMD_REDIS_CLUSTER=true or false to say which)",
+        ", ".join(_redact(u) for u in urls),
+    )
+    return False
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+
+
+def connect(urls: list[str], settings: Settings) -> StreamdCluster:
+    """A cluster client seeded with every given node (it discovers the rest).
+
+    Credentials, TLS and timeouts come from the first URL."""
+    kwargs: dict[str, Any] = dict(parse_url(urls[0]))
+    kwargs.pop("db", None)  # a cluster has only database 0
+    if kwargs.pop("connection_class", None) is not None:  # rediss://
+        kwargs["ssl"] = True
+    host, port = kwargs.pop("host", "127.0.0.1"), int(kwargs.pop("port", 6379))
+    seeds = [ClusterNode(host, port)]
+    for url in urls[1:]:
+        extra = parse_url(url)
+        seeds.append(ClusterNode(extra.get("host", "127.0.0.1"), int(extra.get("port", 6379))))
+    return StreamdCluster(
+        startup_nodes=seeds,
+        in_flight=settings.redis_pool_size,
+        # One connection per node per call in flight, plus a few for the
+        # client's own slot-table refreshes.
+        max_connections=settings.redis_pool_size + 4,
+        socket_connect_timeout=5,
+        **kwargs,
+    )
+
+
+class StreamdCluster(RedisCluster):
+    """`RedisCluster` whose calls wait for a free connection instead of failing."""
+
+    def __init__(self, *args: Any, in_flight: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Semaphore(in_flight)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if _INSIDE.get():
+            return await super().execute_command(*args, **kwargs)
+        async with self.gate:
+            token = _INSIDE.set(True)
+            try:
+                return await super().execute_command(*args, **kwargs)
+            finally:
+                _INSIDE.reset(token)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return GatedPipeline(self, transaction)
+
+
+class GatedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        client = self.cluster_client
+        assert isinstance(client, StreamdCluster)
+        if _INSIDE.get():
+            return await super().execute(raise_on_error, allow_redirections)
+        async with client.gate:
+            token = _INSIDE.set(True)
+            try:
+                return await super().execute(raise_on_error, allow_redirections)
+            finally:
+                _INSIDE.reset(token)
