@@ -248,6 +248,8 @@ class Hub:
         for conn in conns:
             self.detach(feed, conn)
             self.send(conn, payload)
+            if conn.ws is None:
+                self.kill(conn, CloseCode.GOING_AWAY)  # an SSE stream reads one feed: it ends
 
     def _on_control(self, data: bytes) -> None:
         try:
@@ -415,10 +417,15 @@ class Hub:
             await asyncio.shield(task)
 
     async def _close(self, conn: Connection, code: int, message: str) -> None:
+        transport = conn.transport
+        if conn.ws is None:  # SSE: the end of the response is the close
+            if code == CloseCode.TOO_SLOW:
+                transport.abort()  # it does not read: nothing more will get through
+            elif not transport.is_closing():
+                transport.write(b"0\r\n\r\n")  # the last chunk: a clean end
+                transport.close()  # graceful: what is buffered still goes out
+            return
         try:
-            if conn.ws is None:  # SSE: the end of the response is the close
-                conn.transport.close()
-                return
             await asyncio.wait_for(conn.ws.close(code=code, message=message.encode()), timeout=5)
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
@@ -426,7 +433,7 @@ class Hub:
             # Unconditionally: after a timed-out close, aiohttp has called the
             # graceful transport.close(), which would wait for a peer that does
             # not read, holding the socket and its buffers.
-            conn.transport.abort()
+            transport.abort()
 
     async def close_all(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Flush what is queued, then close every socket with `code`."""

@@ -120,3 +120,16 @@ async def test_sse_keepalive_comment(start_server: Any, settings: Any, session: 
     async with session.get(srv.make_url("/v1/feeds/event:quiet/events")) as resp:
         line = await asyncio.wait_for(resp.content.readline(), 10)
         assert line.startswith(b": heartbeat")
+
+
+async def test_sse_stream_ends_when_its_list_is_deleted(api: Api) -> None:
+    fan = await api.user("fan")
+    status, body = await api.call("POST", "/v1/lists", {"name": "gone soon", "visibility": "public"}, fan)
+    feed = f"list:{body['list']['id']}"
+    sse = await open_sse(api, f"/v1/feeds/{feed}/events")
+    assert (await api.call("DELETE", f"/v1/lists/{body['list']['id']}", None, fan))[0] == 204
+    ev = await sse.event()
+    assert ev["event"] == "error" and ev["data"]["code"] == "not_found" and ev["data"]["feed"] == feed
+    rest = await asyncio.wait_for(sse.response.content.read(), 10)  # the stream ends
+    assert b"event:" not in rest
+    sse.response.close()
