@@ -52,6 +52,7 @@ from bench.stats import cpu_percent, micros_per, summary_ms
 HELP = "streamd vs python-socketio, Django Channels and Node socket.io: scenarios a-e on this machine"
 LOADGEN_CPU_FLAG = 70.0
 OTHER_LOAD_FLAG = 5.0
+RETRY_OTHER_PCT = 15.0
 P99_TARGET_MS = 25.0
 START_DELAY_S = 0.3
 IDLE_CYCLE_S = 26.0
@@ -214,7 +215,13 @@ def run_one(args: argparse.Namespace, scenario: str, engine: str, pinning: Pinni
             stack.callback(child.stop)
             subloads.append(child)
         ctx = Ctx(args, workdir, pinning, running, subloads)
-        record: dict[str, Any] = {"engine": engine, "scenario": scenario, "label": engines.LABELS[engine]}
+        record: dict[str, Any] = {
+            "engine": engine,
+            "scenario": scenario,
+            "label": engines.LABELS[engine],
+            # The tree may change between runs (an editable install): which streamd source this run imported.
+            "streamd_source": streamd_source() if engine.startswith("streamd") else None,
+        }
         if scenario == "a":
             record.update(rate_steps(ctx, Shape.even(args.subscribers_a, 10), args.rates_a))
         elif scenario == "b":
@@ -273,8 +280,10 @@ def rate_steps(ctx: Ctx, shape: Shape, rates: list[int]) -> dict[str, Any]:
     seq = 0
     skipped: list[int] = []
     for rate in rates:
-        if steps and overloaded(steps[-1]) and not steps[-1]["other_load"]:
-            skipped.append(rate)  # a higher rate on a server already drowning measures nothing more
+        if steps and overloaded(steps[-1]):
+            # A higher rate on a server already drowning measures nothing more
+            # (even when others shared the machine: its retries were disturbed too).
+            skipped.append(rate)
             continue
         step, seq = measured_step(ctx, shape, rate, seq)
         steps.append(step)
@@ -304,7 +313,9 @@ def measured_step(ctx: Ctx, shape: Shape, rate: int, seq: int, **kw: Any) -> tup
         step["waited_for_quiet_s"] = waited
         print_progress(step)
         attempts.append(step)
-        if not step["other_load"]:
+        # Retried only past RETRY_OTHER_PCT: under heavy loopback traffic the
+        # kernel's own threads (ksoftirqd, kworkers) show as a few % of "other".
+        if max(step["cpu_pct"]["other"].values(), default=0.0) <= RETRY_OTHER_PCT:
             break
         print(f"    (others used CPU during the step: {step['cpu_pct']['other']} %; attempt {attempt + 1})", flush=True)
     best = min(attempts, key=lambda s: max(s["cpu_pct"]["other"].values(), default=0.0))
@@ -622,6 +633,24 @@ def environment() -> dict[str, Any]:
             ("socket.io", "@socket.io/redis-streams-adapter", "redis", "ws", "engine.io", "socket.io-adapter")
         }
     return env
+
+
+def streamd_source() -> dict[str, Any]:
+    """HEAD, and a hash of the streamd package's files as they are now (uncommitted edits included)."""
+    import hashlib
+
+    import streamd
+
+    root = Path(streamd.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    head = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        head = done.stdout.strip()
+    return {"git_head": head, "tree_sha256": digest.hexdigest()[:16]}
 
 
 def _cpu_model() -> str:

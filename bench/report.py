@@ -307,7 +307,7 @@ def generated(paths: list[Path], out: Path) -> str:
         "Flags: `L` load generator over 70% of a core; `O a/b` CPU0/CPU1 busy % that our processes do not "
         "explain (other sessions on this machine: the numbers are disturbed); `F` posts failed; `C` sockets "
         "closed by the server (close code x count). *sustained/s*: the highest achieved rate with p99 <= 25 ms, "
-        "no loss, no duplicate (`-`: none of the rates run).",
+        "no loss, no duplicate (`-`: no rate run met that).",
         "",
         "### Summary",
         "",

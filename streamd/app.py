@@ -109,7 +109,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
             metrics.on_scrape(hub.sample)
             app[HUB] = hub
             yield
-        await client.aclose()
+        await store.close(client)
 
     async def worker(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()

@@ -226,7 +226,7 @@ async def run_fanout(settings: Settings, listen: Listen = Listen()) -> int:
         print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
         await asyncio.gather(*(w.run(stop) for w in workers))
     finally:
-        await client.aclose()
+        await store.close(client)
     return 0
 
 

@@ -106,6 +106,17 @@ class StreamdCluster(RedisCluster):
             finally:
                 _INSIDE.reset(token)
 
+    async def shutdown(self) -> None:
+        """Close every connection, for good (at shutdown).
+
+        `aclose`, which redis-py also calls by itself to re-initialise after a
+        MOVED or a lost node, does nothing to a client already marked for
+        re-initialisation, yet live.py's refreshes of the slot table may have
+        opened connections since."""
+        await self.aclose()
+        await self.nodes_manager.aclose()
+        await self.nodes_manager.aclose("startup_nodes")
+
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")

@@ -6,6 +6,11 @@ script per feed) and acknowledges the entry only after every feed is written.
 The script skips a post already in a feed, so an entry redelivered after a
 crash never puts a post into a feed twice. Entries left pending by a dead
 worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
+
+Any number of workers may run: each shard is read by one of them at a time,
+the holder of the shard's lease (`claim_idle_ms` long, renewed between
+reads), so one author's posts reach the feeds in the order they were
+accepted. Fan-out work spreads over as many workers as there are shards.
 """
 
 from __future__ import annotations
@@ -71,19 +76,39 @@ class FanoutWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until `stop` is set; the batch in flight is finished first."""
+        """Work until `stop` is set; the batch in flight is finished first.
+
+        Only the holder of the shard's lease reads it, so that the posts of one
+        author (one shard) are fanned out one batch after the other, in order;
+        other workers wait as standbys and take the lease when it expires.
+        """
         backoff = 0.1
         next_claim = 0.0
+        ttl = max(self._settings.claim_idle_ms, 100)
+        block_ms = max(10, min(500, ttl // 3))  # the lease is renewed between reads
+        renewed = 0.0
+        catch_up = True  # first the entries pending from before (a previous holder, a failed batch)
         while not stop.is_set():
             try:
                 await self.ensure_group()
                 while not stop.is_set():
                     now = time.monotonic()
+                    if now - renewed > ttl / 3000:
+                        held = await self._lease(ttl)
+                        if held == 0:
+                            renewed = 0.0
+                            await _sleep_unless(stop, block_ms / 1000)
+                            continue
+                        catch_up = catch_up or held == 1
+                        renewed = now
+                    if catch_up:
+                        await self.claim_stale(min_idle_ms=0)
+                        catch_up = False
                     if now >= next_claim:
                         await self.claim_stale()
                         await self.trim_ingest()
                         next_claim = now + self._settings.claim_every_seconds
-                    await self.step(block_ms=500)
+                    await self.step(block_ms=block_ms)
                     backoff = 0.1
             except (*TRANSIENT_ERRORS, ResponseError) as err:
                 if isinstance(err, ResponseError) and not str(err).startswith(LOST_STREAM):
@@ -91,12 +116,16 @@ class FanoutWorker:
                 # LOST_STREAM: the stream left this node (its slot migrated) or
                 # was deleted while we were blocked on it: find it again.
                 log.warning("fanout: redis unavailable (%s); retrying in %.1fs", err, backoff)
-                try:
-                    await asyncio.wait_for(stop.wait(), backoff)
-                except TimeoutError:
-                    pass
+                catch_up = True
+                renewed = 0.0
+                await _sleep_unless(stop, backoff)
                 backoff = min(backoff * 2, 5.0) * (0.5 + secrets.randbelow(1000) / 1000)
         await self._leave_group()
+
+    async def _lease(self, ttl_ms: int) -> int:
+        """Take or extend this worker's lease on the shard (0: another holds it)."""
+        held: int = await self._scripts.fanout_lease(keys=[keys.fanout_lease(self._shard)], args=[self.consumer, ttl_ms])
+        return held
 
     async def step(self, block_ms: int | None = None) -> int:
         """Read and fan out one batch of new entries; returns how many."""
@@ -112,8 +141,9 @@ class FanoutWorker:
             await self.process(entries)
         return len(entries)
 
-    async def claim_stale(self) -> int:
-        """Take over entries another consumer left pending for too long."""
+    async def claim_stale(self, min_idle_ms: int | None = None) -> int:
+        """Take over entries another consumer left pending for too long
+        (`claim_idle_ms`, or `min_idle_ms`: 0 takes every pending entry)."""
         start = "0-0"
         claimed = 0
         while True:
@@ -121,7 +151,7 @@ class FanoutWorker:
                 self._stream,
                 keys.FANOUT_GROUP,
                 self.consumer,
-                min_idle_time=self._settings.claim_idle_ms,
+                min_idle_time=self._settings.claim_idle_ms if min_idle_ms is None else min_idle_ms,
                 start_id=start,
                 count=self._settings.fanout_batch,
             )
@@ -265,6 +295,7 @@ class FanoutWorker:
 
     async def _leave_group(self) -> None:
         try:
+            await self._scripts.fanout_lease(keys=[keys.fanout_lease(self._shard)], args=[self.consumer, 0])
             pending = await self._redis.xpending_range(
                 self._stream, keys.FANOUT_GROUP, min="-", max="+", count=1, consumername=self.consumer
             )
@@ -272,3 +303,10 @@ class FanoutWorker:
                 await self._redis.xgroup_delconsumer(self._stream, keys.FANOUT_GROUP, self.consumer)
         except (*TRANSIENT_ERRORS, ResponseError):
             pass
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

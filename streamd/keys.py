@@ -6,7 +6,8 @@ slot:
 
     {f:<feed>}          a feed: history stream, meta hash, post index, live channel
     {in:<shard>}        an ingest stream shard, its dead letters, idempotency
-                        keys and the records of the posts accepted through it
+                        keys, the records of the posts accepted through it and
+                        the lease of the fan-out worker reading it
     {u:<handle>}        a user record, the ids of its tokens, the lists it owns
     {t:<sha256>}        one token, looked up by the hash of its secret, and its rate counter
     {l:<id>}            a list record
@@ -68,6 +69,11 @@ def user_tokens(handle: str) -> str:
 
 def token(digest: str) -> str:
     return f"{PREFIX}:{{t:{digest}}}:token"
+
+
+def fanout_lease(shard: int = 0) -> str:
+    """The fan-out worker that may read the shard now: one at a time keeps each author's posts in order."""
+    return f"{PREFIX}:{{in:{shard}}}:lease"
 
 
 def idempotency(shard: int, author: str, key_digest: str) -> str:

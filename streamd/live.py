@@ -30,7 +30,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.cluster import REDIS_CLUSTER_HASH_SLOTS
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 from redis.exceptions import MovedError, RedisClusterException, ResponseError, SlotNotCoveredError
@@ -70,32 +71,58 @@ class _Single:
 
 
 class _Sharded:
-    """Redis Cluster: each channel on the master that owns its slot, sharded pub/sub."""
+    """Redis Cluster: each channel on the master that owns its slot, sharded pub/sub.
+
+    The slot table is this class's own, read with CLUSTER SLOTS on a
+    connection of its own: refreshing the cluster client's table would make it
+    recycle every pooled connection, under the requests in flight."""
 
     sharded = True
     verbs = (b"ssubscribe", b"sunsubscribe", b"smessage")
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
-        self._nodes = client.nodes_manager
+        self._owners: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS  # slot -> "host:port"
 
     def address(self, channel: bytes) -> str:
-        slot = key_slot(channel)
-        try:
-            return str(self._nodes.get_node_from_slot(slot).name)
-        except (KeyError, IndexError, TypeError):  # no slot table yet
-            raise SlotNotCoveredError(f"slot {slot} is not in the slot table") from None
+        owner = self._owners[key_slot(channel)]
+        if owner is None:
+            raise SlotNotCoveredError("no slot table yet, or the slot is not served")
+        return owner
 
     async def refresh(self) -> None:
-        # The client's own first initialisation (its command table too) must
-        # not be skipped by our refresh of the slot table it shares.
-        await self._client.initialize()
-        await self._nodes.initialize()
+        """Read the slot table from the first node that answers."""
+        nodes = self._client.nodes_manager
+        known = {*(o for o in self._owners if o), *nodes.nodes_cache, *nodes.startup_nodes}
+        candidates = list(known)
+        random.shuffle(candidates)
+        error: Exception | None = None
+        for address in candidates:
+            conn = self.connection(address)
+            try:
+                await conn.connect()
+                await conn.send_command("CLUSTER", "SLOTS")
+                ranges = await conn.read_response(timeout=5)
+                if ranges is None:
+                    raise RedisClusterException(f"{address} did not answer CLUSTER SLOTS in time")
+            except (*TRANSIENT_ERRORS, ResponseError) as err:
+                error = err
+                continue
+            finally:
+                await conn.disconnect(nowait=True)
+            host = address.rsplit(":", 1)[0]
+            owners: list[str | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+            for low, high, primary, *_ in ranges:
+                owner = f"{(primary[0] or host.encode()).decode()}:{int(primary[1])}"
+                owners[int(low) : int(high) + 1] = [owner] * (int(high) - int(low) + 1)
+            self._owners = owners
+            return
+        raise RedisClusterException(f"no cluster node answers CLUSTER SLOTS: {error}")
 
     def connection(self, address: str) -> AbstractConnection:
-        node = self._nodes.get_node(node_name=address)
-        if node is None:
-            raise RedisClusterException(f"no cluster node {address}")
+        host, _, port = address.rpartition(":")
+        # A node object only to get the client's connection class and settings.
+        node = ClusterNode(host, int(port), **self._client.nodes_manager.connection_kwargs)
         kwargs = dict(node.connection_kwargs)
         kwargs["health_check_interval"] = 0
         kwargs["socket_timeout"] = None

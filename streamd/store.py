@@ -85,6 +85,14 @@ async def open_client(url: str, settings: Settings) -> AnyRedis:
     return connect(url, settings)
 
 
+async def close(client: AnyRedis) -> None:
+    """Close the client and all its connections (at shutdown)."""
+    if isinstance(client, cluster.StreamdCluster):
+        await client.shutdown()
+    else:
+        await client.aclose()
+
+
 def is_cluster(client: AnyRedis) -> bool:
     return isinstance(client, RedisCluster)
 
@@ -234,6 +242,7 @@ class Scripts:
     list_member: Script
     list_clear: Script
     token_use: Script
+    fanout_lease: Script
 
     @classmethod
     def register(cls, client: AnyRedis) -> Scripts:
