@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -85,6 +87,9 @@ def connect(urls: list[str], settings: Settings) -> StreamdCluster:
         # client's own slot-table refreshes.
         max_connections=settings.redis_pool_size + 4,
         socket_connect_timeout=5,
+        # Maintenance push notifications are a Redis 8 / Enterprise feature;
+        # Redis 7 refuses the handshake command for them.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **kwargs,
     )
 
@@ -95,27 +100,48 @@ class StreamdCluster(RedisCluster):
     def __init__(self, *args: Any, in_flight: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = asyncio.Semaphore(in_flight)
+        # Every node object the client has used, by identity (ClusterNode
+        # compares by address): after a failover redis-py drops the object of
+        # a node that left the slot table with connections still open, and
+        # `shutdown` closes those too.
+        self._known: dict[int, ClusterNode] = {}
+
+    def track_nodes(self) -> None:
+        manager = self.nodes_manager
+        for node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
+            self._known.setdefault(id(node), node)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if _INSIDE.get():
             return await super().execute_command(*args, **kwargs)
+        if self._initialize:
+            # Before RedisCluster.execute_command looks at its slot table and
+            # command table: under a burst of first commands some would find
+            # them half built, and a failed initialisation closes every
+            # connection, those of the other commands in flight too.
+            await self.initialize()
         async with self.gate:
             token = _INSIDE.set(True)
             try:
                 return await super().execute_command(*args, **kwargs)
+            except AttributeError as err:
+                if (lost := _closed_under_us(err)) is None:
+                    raise
+                raise lost from err
             finally:
                 _INSIDE.reset(token)
+                self.track_nodes()
 
     async def shutdown(self) -> None:
         """Close every connection, for good (at shutdown).
 
         `aclose`, which redis-py also calls by itself to re-initialise after a
         MOVED or a lost node, does nothing to a client already marked for
-        re-initialisation, yet live.py's refreshes of the slot table may have
-        opened connections since."""
+        re-initialisation, and knows only the nodes in its current tables."""
         await self.aclose()
-        await self.nodes_manager.aclose()
-        await self.nodes_manager.aclose("startup_nodes")
+        self.track_nodes()
+        known, self._known = list(self._known.values()), {}
+        await asyncio.gather(*(node.disconnect() for node in known), return_exceptions=True)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
@@ -128,10 +154,41 @@ class GatedPipeline(ClusterPipeline):
         client = self.cluster_client
         assert isinstance(client, StreamdCluster)
         if _INSIDE.get():
-            return await super().execute(raise_on_error, allow_redirections)
+            return [_lost_result(r) for r in await super().execute(raise_on_error, allow_redirections)]
+        if client._initialize:
+            await client.initialize()
         async with client.gate:
             token = _INSIDE.set(True)
             try:
-                return await super().execute(raise_on_error, allow_redirections)
+                results = await super().execute(raise_on_error, allow_redirections)
+                # raise_on_error=False: a command's error is its result.
+                return [_lost_result(r) for r in results]
+            except AttributeError as err:
+                if (lost := _closed_under_us(err)) is None:
+                    raise
+                raise lost from err
             finally:
                 _INSIDE.reset(token)
+                client.track_nodes()
+
+
+def _closed_under_us(err: AttributeError) -> RedisConnectionError | None:
+    """A connection closed by redis-py itself while a command was using it.
+
+    When a node fails, redis-py disconnects the node's idle connections from
+    a snapshot of its free list, and a command may have taken one of them
+    meanwhile: it then fails on the closed socket with an AttributeError
+    ('NoneType' object has no attribute ...) inside redis-py. For the caller
+    that is a lost connection, like the node failure that caused it."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None and f"{os.sep}redis{os.sep}" in tb.tb_frame.f_code.co_filename and "NoneType" in str(err):
+        return RedisConnectionError(f"connection closed during the command: {err}")
+    return None
+
+
+def _lost_result(result: Any) -> Any:
+    if isinstance(result, AttributeError) and (lost := _closed_under_us(result)) is not None:
+        return lost
+    return result
