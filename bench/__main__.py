@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import compare, fanout, peersetup, report
+from bench import cluster, compare, fanout, ingest, peersetup, report, worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,9 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     "fanout": Scenario(fanout.HELP, fanout.add_arguments, fanout.run),
     "compare": Scenario(compare.HELP, compare.add_arguments, compare.run),
+    "ingest": Scenario(ingest.HELP, ingest.add_arguments, ingest.run),
+    "cluster": Scenario(cluster.HELP, cluster.add_arguments, cluster.run),
+    "worker": Scenario(worker.HELP, worker.add_arguments, worker.run),
     "setup": Scenario(peersetup.HELP, peersetup.add_arguments, peersetup.run),
     "report": Scenario(report.HELP, report.add_arguments, report.run),
 }
