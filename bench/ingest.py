@@ -10,7 +10,9 @@ users, requests pipelined on the connection) and measures over the window:
 - latency from each request's scheduled send time to its answer (open loop:
   a request that waits for a free connection slot counts that wait);
 - gateway CPU microseconds per accepted post, from /proc/<pid>/stat, and
-  Redis's and the load generator's CPU.
+  Redis's and the load generator's CPU; `cap/s` is 10^6 / (gateway us per
+  post): the posts per second one core would accept at that cost, the number
+  to compare when the machine is shared and the gateway waits for a CPU.
 
 An offered rate of 0 means "as fast as the gateway answers": each connection
 keeps `--depth` requests in flight (closed loop).
@@ -93,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"gateway {server.base_url} (pid {server.gateway.pid if server.gateway else '?'}), {args.users} users,"
               f" {args.connections} connections, depth {args.depth}")
         print(f"{'offered/s':>10} {'accepted/s':>11} {'gw us/post':>11} {'gw cpu%':>8} {'redis us/post':>13}"
-              f" {'lg cpu%':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+              f" {'lg cpu%':>8} {'cap/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         for rate in rates:
             row = _one_rate(server, loadgen, tokens, rate, args)
             rows.append(row)
             lat = row["latency_ms"]
             print(f"{rate or 'max':>10} {row['accepted_per_s']:>11.0f} {_fmt(row['gateway_us_per_post']):>11}"
                   f" {row['gateway_cpu_percent']:>8.1f} {_fmt(row['redis_us_per_post']):>13}"
-                  f" {row['loadgen_cpu_percent']:>8.1f} {_fmt(lat['p50']):>8} {_fmt(lat['p99']):>8}"
+                  f" {row['loadgen_cpu_percent']:>8.1f} {_fmt(row['capacity_per_s']):>7} {_fmt(lat['p50']):>8} {_fmt(lat['p99']):>8}"
                   f" {row['errors']:>7}", flush=True)
             if row["error_statuses"]:
                 print(f"{'':>10} errors by status: {row['error_statuses']}")
@@ -167,6 +169,8 @@ def _one_rate(server: _Server, loadgen: Child, tokens: list[str], rate: int, arg
             {"connection": stats["failures"]} if stats["failures"] else {}
         ),
         "gateway_us_per_post": micros_per(ticks.get("gateway", 0), CLOCK_TICKS, accepted),
+        # What one core would take at this CPU cost: the number to read on a busy machine.
+        "capacity_per_s": 1e6 / gw_us if (gw_us := micros_per(ticks.get("gateway", 0), CLOCK_TICKS, accepted)) else None,
         "gateway_cpu_percent": cpu_percent(ticks.get("gateway", 0), CLOCK_TICKS, seconds),
         "redis_us_per_post": micros_per(ticks.get("redis", 0), CLOCK_TICKS, accepted),
         "redis_cpu_percent": cpu_percent(ticks.get("redis", 0), CLOCK_TICKS, seconds),

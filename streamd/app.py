@@ -12,11 +12,13 @@ from aiohttp import web
 
 from streamd import http_api, http_feeds, http_lists, http_web, store
 from streamd.auth import Auth
+from streamd.autopipe import AutoPipeline
 from streamd.errors import StreamdError, Unavailable, from_status
 from streamd.fanout import FanoutWorker
 from streamd.gateway import make_recheck, websocket_handler
 from streamd.http_base import AUTH, HUB, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
 from streamd.hub import Hub
+from streamd.ingest import INGEST, Ingest
 from streamd.lists import Lists
 from streamd.metrics import CONTENT_TYPE, Metrics
 from streamd.ratelimit import KeyedLimiter
@@ -58,15 +60,6 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_response(Unavailable("storage is unavailable, try again").body(), status=503)
 
 
-@web.middleware
-async def count_posts(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
-    # An idempotent repeat answers 201 too, but accepts nothing new.
-    if response.status == 201 and request.path == "/v1/posts" and "Idempotent-Replayed" not in response.headers:
-        request.app[METRICS].posts_accepted.inc()
-    return response
-
-
 OPENAPI = resources.files("streamd").joinpath("openapi.json").read_bytes()
 
 
@@ -93,22 +86,32 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, count_posts], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics = Metrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         client = await store.open_client(redis_url, settings)
         scripts = store.Scripts.register(client)
+        # The hot paths (tokens, memberships, accepting posts) share one
+        # auto-pipelined connection when Redis is one server.
+        fast = None if store.is_cluster(client) else AutoPipeline.for_client(client)
         app[REDIS] = client
         app[SCRIPTS] = scripts
-        app[AUTH] = Auth(client, scripts, settings.admin_token, settings.posts_per_minute, settings.embed_secret)
-        app[LISTS] = lists = Lists(client, scripts, settings)
-        async with Hub(client, settings, metrics) as hub:
-            hub.recheck = make_recheck(hub, lists)
-            metrics.on_scrape(hub.sample)
-            app[HUB] = hub
-            yield
+        app[AUTH] = auth = Auth(
+            client, scripts, settings.admin_token, settings.posts_per_minute, settings.embed_secret, fast=fast
+        )
+        app[LISTS] = lists = Lists(client, scripts, settings, fast=fast)
+        app[INGEST] = Ingest(client, scripts, settings, auth, lists, metrics, fast)
+        try:
+            async with Hub(client, settings, metrics) as hub:
+                hub.recheck = make_recheck(hub, lists)
+                metrics.on_scrape(hub.sample)
+                app[HUB] = hub
+                yield
+        finally:
+            if fast is not None:
+                await fast.aclose()
         await store.close(client)
 
     async def worker(app: web.Application) -> AsyncIterator[None]:

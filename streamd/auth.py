@@ -12,12 +12,14 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from streamd import keys, store
+from streamd.autopipe import AutoPipeline
 from streamd.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited, Unauthorized
 from streamd.feeds import valid_handle
 from streamd.store import AnyRedis, Scripts
@@ -25,6 +27,11 @@ from streamd.store import AnyRedis, Scripts
 USER_TOKEN_PREFIX = "sdu_"
 EMBED_TOKEN_PREFIX = "sde_"
 MAX_DISPLAY_NAME_CHARS = 64
+# Token digest -> principal, for the tokens seen lately. Only a hint: every use
+# of a token is still checked in Redis (and counted), so a revoked token is
+# refused at once by every gateway; the hint lets a post read its author's
+# lists in the same round trip as that check.
+MAX_KNOWN_TOKENS = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +102,12 @@ class Auth:
         admin_token: str | None,
         posts_per_minute: int,
         embed_secret: str | None = None,
+        fast: AutoPipeline | None = None,
     ) -> None:
         self._redis = client
+        self._fast = fast
+        self._known: dict[str, Principal] = {}
+        self._digests: dict[str, str] = {}
         self._scripts = scripts
         self._admin_token = admin_token
         self._posts_per_minute = posts_per_minute
@@ -128,25 +139,63 @@ class Auth:
         """
         if token is None:
             return None
-        if self._admin_token and hmac.compare_digest(token.encode(), self._admin_token.encode()):
+        if self.is_admin_token(token):
             return ADMIN
         if token.startswith(USER_TOKEN_PREFIX):
-            token_digest = digest(token)
-            window = int(time.time() // 60)
-            raw, uses = await self._scripts.token_use(
-                keys=[keys.token(token_digest), keys.post_rate(token_digest, window)],
-                args=[1 if count_post else 0],
-            )
-            if raw:
-                if uses > self._posts_per_minute:
-                    raise RateLimited(f"at most {self._posts_per_minute} posts per minute per token")
-                record = orjson.loads(raw)
-                return Principal("user", record["handle"], record["token_id"])
-        elif token.startswith(EMBED_TOKEN_PREFIX):
+            token_digest = self.digest_of(token)
+            return self.checked_use(token_digest, await self.use(token_digest, count_post=count_post))
+        if token.startswith(EMBED_TOKEN_PREFIX):
             embed = verify_embed_token(await self.embed_secret(), token, time.time())
             if embed is not None:
                 return embed
         raise Unauthorized("unknown, revoked or expired token")
+
+    def digest_of(self, token: str) -> str:
+        """`digest(token)`, remembered for the tokens seen lately (hashing is a
+        measurable part of accepting a post)."""
+        found = self._digests.get(token)
+        if found is None:
+            found = digest(token)
+            if len(self._digests) >= MAX_KNOWN_TOKENS:
+                self._digests.clear()
+            self._digests[token] = found
+        return found
+
+    def is_admin_token(self, token: str) -> bool:
+        admin = self._admin_token
+        return bool(admin) and admin is not None and hmac.compare_digest(token.encode(), admin.encode())
+
+    def use(self, token_digest: str, *, count_post: bool) -> Awaitable[Any]:
+        """Look a user token up in Redis, counting a post against its budget if
+        asked: sent at once on the auto-pipeline, else when awaited. Its reply
+        goes to `checked_use`."""
+        script_keys = [keys.token(token_digest), keys.post_rate(token_digest, int(time.time() // 60))]
+        args = [1 if count_post else 0]
+        if self._fast is not None:
+            script = self._scripts.token_use
+            return self._fast.evalsha(script.sha, script.text, script_keys, args)
+        return self._scripts.token_use(keys=script_keys, args=args)
+
+    def checked_use(self, token_digest: str, reply: Any) -> Principal:
+        """The user of a token from its `use` reply; Unauthorized or RateLimited."""
+        raw, uses = reply
+        if not raw:
+            self._known.pop(token_digest, None)
+            raise Unauthorized("unknown, revoked or expired token")
+        if uses > self._posts_per_minute:
+            raise RateLimited(f"at most {self._posts_per_minute} posts per minute per token")
+        who = self._known.get(token_digest)
+        if who is None:
+            record = orjson.loads(raw)
+            who = Principal("user", record["handle"], record["token_id"])
+            if len(self._known) >= MAX_KNOWN_TOKENS:
+                self._known.clear()
+            self._known[token_digest] = who
+        return who
+
+    def known(self, token_digest: str) -> Principal | None:
+        """Who a token belonged to when last seen (not a check: see MAX_KNOWN_TOKENS)."""
+        return self._known.get(token_digest)
 
     async def require_admin(self, token: str | None) -> Principal:
         who = await self.principal(token)
@@ -208,6 +257,7 @@ class Auth:
             raise NotFound("no such token")
         await self._redis.delete(keys.token(token_digest.decode()))
         await self._redis.hdel(keys.user_tokens(handle), token_id)
+        self._known.pop(token_digest.decode(), None)
         await store.publish(self._redis, keys.CONTROL_CHANNEL, orjson.dumps({"revoked": token_id}))
 
     @staticmethod

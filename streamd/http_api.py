@@ -7,10 +7,10 @@ from aiohttp import web
 
 from streamd import keys
 from streamd.errors import BadRequest, Forbidden, NotFound
-from streamd.feeds import expand, parse_feed
+from streamd.feeds import parse_feed
 from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response, read_object, token_of
-from streamd.posts import build_post, ingest_shard, shard_of_post, valid_post_id, validate_new_post
-from streamd.store import AnyPipeline, Replicas
+from streamd.ingest import INGEST
+from streamd.posts import build_post, shard_of_post, valid_post_id
 
 routes = web.RouteTableDef()
 
@@ -53,50 +53,16 @@ async def revoke_token(request: web.Request) -> web.Response:
 
 @routes.post("/v1/posts")
 async def create_post(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    who = await request.app[AUTH].require_user(token_of(request), count_post=True)
-    author = who.handle
-    assert author is not None
-    new = validate_new_post(await read_object(request, frozenset({"text", "events", "media", "idempotency_key"})), settings)
-    # Lists are read now: the post reaches the lists its author is in when accepted.
-    lists = await request.app[LISTS].memberships(author)
-    feeds = expand(author, new.events, lists)
-    shard = ingest_shard(author, settings.ingest_shards)
-    stream = keys.ingest_stream(shard)
-    key_digest = new.idempotency_digest()
-    script_keys = [stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, keys.post_record(shard, "")]
-    script_args = [
-        author,
-        new.body_json(),
-        orjson.dumps(lists),
-        orjson.dumps(feeds),
-        settings.idempotency_ttl_seconds if key_digest else 0,
-        settings.post_retention_seconds,
-        shard,
-        settings.ingest_shards,
-    ]
-    scripts = request.app[SCRIPTS]
-    if settings.wait_replicas:
-        # Accepted means on the replicas too: a failover right after the 201
-        # cannot lose the post. Else 503, and a retry with the same
-        # idempotency key answers with the post if it was kept after all.
-        client = request.app[REDIS]
-        wait = await Replicas(client, settings).plan([stream])
+    post, created = await request.app[INGEST].accept(token_of(request), request)
+    return web.Response(
+        body=orjson.dumps({"post": post}),
+        status=201,
+        content_type="application/json",
+        headers=None if created else REPLAYED,
+    )
 
-        async def build(pipe: AnyPipeline) -> None:
-            await scripts.ingest_post(keys=script_keys, args=script_args, client=pipe)
-            wait.queue(pipe)
 
-        reply, *waited = await scripts.run(client, build)
-        if isinstance(reply, Exception):
-            raise reply
-        wait.check(waited)
-        created, post_id, body_json = reply
-    else:
-        created, post_id, body_json = await scripts.ingest_post(keys=script_keys, args=script_args)
-    post = build_post(post_id.decode(), author, body_json)
-    headers = None if created else {"Idempotent-Replayed": "true"}
-    return json_response({"post": post}, status=201, headers=headers)
+REPLAYED = {"Idempotent-Replayed": "true"}
 
 
 def _post_key(request: web.Request) -> tuple[str, int]:

@@ -1,0 +1,179 @@
+"""Accepting a post (`POST /v1/posts`): the hot path of the HTTP API.
+
+A post needs three things from Redis, in this order: its token checked and
+counted against the per-minute budget (`token_use.lua`, the token's slot),
+the lists its author is in now (SMEMBERS in the `{m}` slot: the post reaches
+the lists its author is in when accepted), and its acceptance
+(`ingest_post.lua`: idempotency key, post record and ingest stream entry, in
+the ingest shard's slot).
+
+On one Redis server the commands go through the process's `AutoPipeline`:
+those of every concurrent request leave in one write per loop turn. The
+author of a token seen before is known (`Auth.known`), so the token check and
+the SMEMBERS leave together; the check still decides (a revoked token is
+refused at once) and a hint that turns out wrong only costs a second read.
+Under Cluster, or when accepting must WAIT for replicas, the redis-py client
+does the same steps one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from streamd import keys
+from streamd.auth import USER_TOKEN_PREFIX, Auth
+from streamd.autopipe import AutoPipeline
+from streamd.feeds import expand
+from streamd.http_base import read_json
+from streamd.lists import Lists, sorted_members
+from streamd.metrics import Metrics
+from streamd.posts import NewPost, build_post, ingest_shard, validate_new_post
+from streamd.settings import Settings
+from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts
+
+
+class Ingest:
+    """Accepts posts for one app (`INGEST`)."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        scripts: Scripts,
+        settings: Settings,
+        auth: Auth,
+        lists: Lists,
+        metrics: Metrics,
+        fast: AutoPipeline | None,
+    ) -> None:
+        self._redis = client
+        self._scripts = scripts
+        self._settings = settings
+        self._auth = auth
+        self._lists = lists
+        self._accepted = metrics.posts_accepted
+        # WAIT counts the writes of its own connection: with wait_replicas the
+        # script and its WAIT go down one redis-py pipeline of their own.
+        self._fast = fast if not settings.wait_replicas else None
+
+    async def accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
+        """The post accepted for the request, and whether it is new (False: an
+        idempotent repeat). Errors in the order a client sees them: the token
+        (401, 403, 429), then the body (413, 400)."""
+        if self._fast is not None and token is not None and token.startswith(USER_TOKEN_PREFIX) and not self._auth.is_admin_token(token):
+            post, created = await self._accept_auto_pipelined(token, request)
+        else:
+            post, created = await self._accept(token, request)
+        if created:
+            self._accepted.inc()
+        return post, created
+
+    async def _accept_auto_pipelined(self, token: str, request: web.Request) -> tuple[dict[str, Any], bool]:
+        fast = self._fast
+        assert fast is not None
+        auth = self._auth
+        token_digest = auth.digest_of(token)
+        use = auth.use(token_digest, count_post=True)
+        hint = auth.known(token_digest)
+        members: Awaitable[Any] | None = self._lists.read_memberships(hint.handle) if hint is not None else None
+        try:
+            who = auth.checked_use(token_digest, await use)
+            new = validate_new_post(await read_json(request), self._settings)
+        except BaseException:
+            _forget(members)
+            raise
+        author = who.handle
+        assert author is not None
+        if hint is None or hint.handle != author:
+            _forget(members)
+            members = self._lists.read_memberships(author)
+        assert members is not None
+        script = self._scripts.ingest_post
+        script_keys, script_args = self._ingest_arguments(author, new, sorted_members(await members))
+        created, post_id, body_json = await fast.evalsha(script.sha, script.text, script_keys, script_args)
+        post_id = post_id.decode()
+        if created:
+            # The body stored is the one sent: no need to parse it back.
+            return {
+                "id": post_id,
+                "author": author,
+                "text": new.text,
+                "events": new.events,
+                "media": new.media,
+                "created_at": int(post_id.partition("-")[0]),
+            }, True
+        return build_post(post_id, author, body_json), False
+
+    async def _accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
+        """Step by step on the redis-py client (Cluster, wait_replicas, non-user tokens)."""
+        settings = self._settings
+        who = await self._auth.require_user(token, count_post=True)
+        author = who.handle
+        assert author is not None
+        new = validate_new_post(await read_json(request), settings)
+        lists = await self._lists.memberships(author)
+        script_keys, script_args = self._ingest_arguments(author, new, lists)
+        scripts = self._scripts
+        if settings.wait_replicas:
+            # Accepted means on the replicas too: a failover right after the 201
+            # cannot lose the post. Else 503, and a retry with the same
+            # idempotency key answers with the post if it was kept after all.
+            client = self._redis
+            wait = await Replicas(client, settings).plan([script_keys[0]])
+
+            async def build(pipe: AnyPipeline) -> None:
+                await scripts.ingest_post(keys=script_keys, args=script_args, client=pipe)
+                wait.queue(pipe)
+
+            reply, *waited = await scripts.run(client, build)
+            if isinstance(reply, Exception):
+                raise reply
+            wait.check(waited)
+            created, post_id, body_json = reply
+        else:
+            created, post_id, body_json = await scripts.ingest_post(keys=script_keys, args=script_args)
+        return build_post(post_id.decode(), author, body_json), bool(created)
+
+    def _ingest_arguments(self, author: str, new: NewPost, lists: list[str]) -> tuple[list[Any], list[Any]]:
+        """KEYS and ARGV of ingest_post.lua."""
+        settings = self._settings
+        shard, stream, record_prefix = _author_keys(author, settings.ingest_shards)
+        key_digest = new.idempotency_digest()
+        script_keys = [stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, record_prefix]
+        script_args = [
+            author,
+            new.body_json(),
+            orjson.dumps(lists),
+            orjson.dumps(expand(author, new.events, lists)),
+            settings.idempotency_ttl_seconds if key_digest else 0,
+            settings.post_retention_seconds,
+            shard,
+            settings.ingest_shards,
+        ]
+        return script_keys, script_args
+
+
+@functools.lru_cache(maxsize=4096)
+def _author_keys(author: str, shards: int) -> tuple[int, str, str]:
+    """The author's ingest shard, its stream and its post record prefix."""
+    shard = ingest_shard(author, shards)
+    return shard, keys.ingest_stream(shard), keys.post_record(shard, "")
+
+
+def _forget(reply: Awaitable[Any] | None) -> None:
+    """A reply no longer wanted: its error, if any, is not reported as unretrieved."""
+    if isinstance(reply, asyncio.Future):
+        reply.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+INGEST = web.AppKey("ingest", Ingest)
