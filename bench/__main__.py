@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench import cluster, compare, fanout, ingest, peersetup, report, worker
+from bench import cluster, compare, ingest, peersetup, report, worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +19,6 @@ class Scenario:
 
 # One entry per scenario module; each exposes HELP, add_arguments() and run().
 SCENARIOS: dict[str, Scenario] = {
-    "fanout": Scenario(fanout.HELP, fanout.add_arguments, fanout.run),
     "compare": Scenario(compare.HELP, compare.add_arguments, compare.run),
     "ingest": Scenario(ingest.HELP, ingest.add_arguments, ingest.run),
     "cluster": Scenario(cluster.HELP, cluster.add_arguments, cluster.run),

@@ -1,7 +1,8 @@
-"""The load generator: child processes driven by JSON lines on stdin.
+"""The streamd poster of the load generator: a child process driven by JSON lines on stdin.
 
     python -m bench.loadgen poster       creates the authors, posts open-loop
-    python -m bench.loadgen subscriber   holds WebSocket subscribers, records deliveries
+
+(The subscribers are bench/subload.py, for every engine.)
 
 Each command is one JSON object per line on stdin, each reply one JSON object
 per line on stdout (`{"ok": true, ...}` or `{"ok": false, "error": ...}`).
@@ -19,7 +20,6 @@ omission).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import sys
@@ -42,7 +42,6 @@ Reply = dict[str, Any]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
-_CLOSED = frozenset({aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED})
 
 
 def feed_name(index: int) -> str:
@@ -210,219 +209,6 @@ class LoopLag:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
-class Subscriber:
-    """One WebSocket reading one feed; `counts[seq // feeds]` counts deliveries of post seq."""
-
-    __slots__ = ("close_code", "counts", "feed", "index", "probe", "task", "ws")
-
-    def __init__(self, index: int, feed: int, probe: bool) -> None:
-        self.index = index
-        self.feed = feed
-        # A probe also records the post's `created_at`, to split its latency in two.
-        self.probe = probe
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.counts = bytearray()
-        self.close_code: int | None = None
-        self.task: asyncio.Task[None] | None = None
-
-
-class Subscribers:
-    def __init__(self) -> None:
-        self.session = new_session()
-        self.feeds = 1
-        self.subs: list[Subscriber] = []
-        # One row per delivery, process-wide: which post, when scheduled, when received.
-        self.seqs = array("q")
-        self.sched = array("q")
-        self.recv = array("q")
-        # Probes only (one subscriber per feed): (seq, scheduled ns, created_at ms, received ns).
-        self.probes: list[tuple[int, int, int, int]] = []
-        self.unexpected: Counter[str] = Counter()
-        self.loop_lag = LoopLag()
-
-    async def close(self) -> None:
-        await self.loop_lag.stop()
-        closing = [s.ws.close() for s in self.subs if s.ws is not None and not s.ws.closed]
-        with contextlib.suppress(TimeoutError):  # the parent stops the gateway next anyway
-            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), timeout=5)
-        for sub in self.subs:
-            if sub.task is not None:
-                sub.task.cancel()
-        await asyncio.gather(*(s.task for s in self.subs if s.task), return_exceptions=True)
-        await self.session.close()
-
-    async def open(self, cmd: dict[str, Any]) -> Reply:
-        """Connect and subscribe every assigned subscriber, `concurrency` at a time."""
-        self.feeds = cmd["feeds"]
-        url = cmd["base"].replace("http://", "ws://", 1) + "/v1/ws"
-        gate = asyncio.Semaphore(cmd["concurrency"])
-        timeout: float = cmd["timeout_s"]
-
-        async def one(sub: Subscriber) -> None:
-            async with gate:
-                ws = await self.session.ws_connect(url, autoping=True, max_msg_size=1 << 20)
-                sub.ws = ws
-                request = {"op": "subscribe", "ref": sub.index, "feed": feed_name(sub.feed)}
-                await ws.send_str(orjson.dumps(request).decode())
-                while True:
-                    msg = await ws.receive(timeout=timeout)
-                    if msg.type != aiohttp.WSMsgType.TEXT:
-                        raise RuntimeError(f"subscriber {sub.index}: {msg.type.name} before subscribed")
-                    frame = orjson.loads(msg.data)
-                    if frame.get("op") == "subscribed" and frame.get("ref") == sub.index:
-                        break
-                    if frame.get("op") == "error":
-                        raise RuntimeError(f"subscriber {sub.index}: {frame}")
-                sub.task = asyncio.create_task(self._read(sub, ws))
-
-        subs = [Subscriber(i, f, i < self.feeds) for i, f in cmd["subs"]]
-        self.subs += subs
-        await asyncio.gather(*(one(s) for s in subs))
-        # Every message allocates a few short-lived containers: without this,
-        # collections that walk the thousands of long-lived socket objects
-        # cost ~8% of this process's CPU.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
-        self.loop_lag.start()
-        return {"ok": True, "opened": len(subs)}
-
-    async def _read(self, sub: Subscriber, ws: aiohttp.ClientWebSocketResponse) -> None:
-        # The hot loop of the load generator. Most of its CPU is aiohttp's
-        # per-message machinery, so this stays at one await, one JSON parse and
-        # a few appends (`receive()` directly: `async for` adds a frame per message).
-        loads = orjson.loads
-        now = time.monotonic_ns
-        receive = ws.receive
-        text_type = aiohttp.WSMsgType.TEXT
-        seqs, sched, recv = self.seqs, self.sched, self.recv
-        probes, probe = self.probes, sub.probe
-        counts = sub.counts
-        feeds = self.feeds
-        want = feed_name(sub.feed)
-        while True:
-            msg = await receive()
-            t = now()
-            if msg.type is not text_type:
-                if msg.type in _CLOSED:
-                    break
-                self.unexpected[f"msg:{msg.type.name}"] += 1
-                continue
-            frame = loads(msg.data)
-            op = frame.get("op")
-            if op != "post":
-                if op != "heartbeat":  # sent on a quiet socket: normal between steps
-                    self.unexpected[f"op:{op}"] += 1
-                continue
-            post = frame["post"]
-            seq_s, _, sched_s = post["text"].partition(" ")
-            seq = int(seq_s)
-            if frame["feed"] != want or seq % feeds != sub.feed:
-                self.unexpected["misrouted"] += 1
-                continue
-            slot = seq // feeds
-            if slot >= len(counts):
-                counts.extend(bytes(slot + 1024 - len(counts)))
-            if counts[slot] < 255:
-                counts[slot] += 1
-            seqs.append(seq)
-            sched.append(int(sched_s))
-            recv.append(t)
-            if probe:
-                probes.append((seq, int(sched_s), post["created_at"], t))
-        sub.close_code = ws.close_code
-
-    def _received(self, lo: int, hi: int) -> int:
-        return sum(1 for s in self.seqs if lo <= s < hi)
-
-    async def collect(self, cmd: dict[str, Any]) -> Reply:
-        """Wait for the step's deliveries to settle, then account for posts lo <= seq < hi.
-
-        Returns latencies of the posts scheduled in the window [w0, w1), the
-        deliveries received in that window, and lost and duplicated deliveries
-        of every accepted post of the step. Rows of the step are dropped after.
-
-        The probes' latencies are also split at the post's `created_at` (the
-        server's clock, whole milliseconds): scheduled -> accepted is the HTTP
-        ingest path, accepted -> received the fan-out and delivery path.
-        """
-        lo: int = cmd["lo"]
-        hi: int = cmd["hi"]
-        w0: int = cmd["w0_ns"]
-        w1: int = cmd["w1_ns"]
-        failed = set(cmd["failed"])
-        feeds = self.feeds
-        accepted_per_feed = Counter(s % feeds for s in range(lo, hi) if s not in failed)
-        expected = sum(accepted_per_feed[s.feed] for s in self.subs if s.close_code is None)
-
-        # Settle: until everything expected arrived, or nothing arrived for `quiet_s`, or `max_wait_s`.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + cmd["max_wait_s"]
-        last_n, last_change = len(self.seqs), loop.time()
-        while loop.time() < deadline:
-            n = len(self.seqs)
-            if n != last_n:
-                last_n, last_change = n, loop.time()
-            elif loop.time() - last_change >= cmd["quiet_s"]:
-                break
-            # The full count is only worth taking once the row count could reach it.
-            if n >= expected and self._received(lo, hi) >= expected:
-                break
-            await asyncio.sleep(0.05)
-
-        latencies: list[int] = []
-        seconds: list[int] = []  # of each latency: whole seconds from w0 to the post's schedule
-        in_window = 0
-        for seq, scheduled, received in zip(self.seqs, self.sched, self.recv, strict=True):
-            if seq < lo:
-                continue  # a straggler of an earlier step, already accounted for as lost
-            if w0 <= scheduled < w1:
-                latencies.append(received - scheduled)
-                seconds.append((scheduled - w0) // 1_000_000_000)
-            if w0 <= received < w1:
-                in_window += 1
-        to_accept: list[int] = []
-        to_receive: list[int] = []
-        wall = time.time_ns() - time.monotonic_ns()  # monotonic -> wall clock, as created_at is
-        for seq, scheduled, created_ms, received in self.probes:
-            if seq >= lo and w0 <= scheduled < w1:
-                to_accept.append(created_ms * 1_000_000 - (scheduled + wall))
-                to_receive.append(received + wall - created_ms * 1_000_000)
-        # One step at a time: every row is this step's or a straggler's. In
-        # place, because the reader tasks hold these containers.
-        for rows in (self.seqs, self.sched, self.recv):
-            del rows[:]
-        self.probes.clear()
-        unexpected, self.unexpected = dict(self.unexpected), Counter()
-
-        lost = dup = 0
-        for sub in self.subs:
-            counts = sub.counts
-            for seq in range(lo + (sub.feed - lo) % feeds, hi, feeds):
-                if seq in failed:
-                    continue
-                slot = seq // feeds
-                n = counts[slot] if slot < len(counts) else 0
-                if n == 0:
-                    lost += 1
-                elif n > 1:
-                    dup += n - 1
-        closed = Counter(str(s.close_code) for s in self.subs if s.close_code is not None)
-        return {
-            "ok": True,
-            "latencies_ns": latencies,
-            "seconds": seconds,
-            "loop_lag_ns": self.loop_lag.take(w0, w1),
-            "to_accept_ns": to_accept,
-            "accept_to_receive_ns": to_receive,
-            "received_in_window": in_window,
-            "lost": lost,
-            "dup": dup,
-            "closed": dict(closed),
-            "unexpected": unexpected,
-        }
-
-
 # -- the command loop ------------------------------------------------------------------
 
 
@@ -431,12 +217,8 @@ async def serve(role: str) -> int:
     reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout.buffer
-    agent: Poster | Subscribers = Poster() if role == "poster" else Subscribers()
-    handlers: dict[str, Handler] = (
-        {"setup": agent.setup, "post": agent.post}
-        if isinstance(agent, Poster)
-        else {"open": agent.open, "collect": agent.collect}
-    )
+    agent = Poster()
+    handlers: dict[str, Handler] = {"setup": agent.setup, "post": agent.post}
     try:
         while line := await reader.readline():
             cmd = orjson.loads(line)
@@ -454,8 +236,8 @@ async def serve(role: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("poster", "subscriber"):
-        print("usage: python -m bench.loadgen poster|subscriber  (driven by the fanout scenario)", file=sys.stderr)
+    if argv != ["poster"]:
+        print("usage: python -m bench.loadgen poster  (driven by bench.compare)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
