@@ -1,18 +1,23 @@
 """The WebSocket endpoint `/v1/ws`: one socket, many feed subscriptions.
 
-The socket's own task reads client frames and runs subscribes (including the
-replay from history); live items reach the socket through the hub without
-touching this task.
+aiohttp answers the upgrade; the socket is then handed to a `WebSocket`
+(streamd.wssocket), which reads its frames with no task of its own and gives
+each text message to the socket's `Session`. An op that awaits (auth, a
+subscribe and its replay from history) runs as a short task; live items reach
+the socket through the hub.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import hdrs, web
 from redis.exceptions import RedisError
 
 from streamd import cursors, history
@@ -36,6 +41,7 @@ from streamd.protocol import (
 from streamd.ratelimit import Bucket, KeyedLimiter
 from streamd.settings import Settings
 from streamd.store import TRANSIENT_ERRORS
+from streamd.wssocket import WebSocket
 
 log = logging.getLogger("streamd.gateway")
 
@@ -44,6 +50,8 @@ REPLAY_DRAIN_SECONDS = 30.0
 
 class Session:
     """The request side of one socket: parses ops and answers them."""
+
+    __slots__ = ("hub", "auth", "lists", "settings", "conn", "principal", "malformed", "frames")
 
     def __init__(self, hub: Hub, auth: Auth, lists: Lists, settings: Settings, conn: Connection) -> None:
         self.hub = hub
@@ -61,15 +69,36 @@ class Session:
         self.hub.kill(self.conn, CloseCode.RATE_LIMITED, "too many frames; slow down")
         return False
 
-    async def handle_text(self, text: str) -> None:
+    def receive(self, text: str) -> ClientOp | None:
+        """The op of one text frame, or None when the frame was malformed (and answered so)."""
         try:
-            op = parse_client_frame(text, max_backlog=self.settings.max_backlog)
+            return parse_client_frame(text, max_backlog=self.settings.max_backlog)
         except StreamdError as err:
             self.malformed += 1
             self.hub.send(self.conn, error_frame(err))
             if self.malformed >= self.settings.max_malformed_frames:
                 self.hub.kill(self.conn, CloseCode.POLICY_VIOLATION, "too many malformed frames")
-            return
+            return None
+
+    def answer_now(self, op: ClientOp) -> bool:
+        """Answer `op` if that needs no waiting (ping, unsubscribe); False: `run` it."""
+        if op.op == "ping":
+            self.hub.send(self.conn, pong_frame(op.ref))
+        elif op.op == "unsubscribe":
+            assert op.feed is not None
+            self.hub.detach(op.feed, self.conn)
+            self.hub.send(self.conn, unsubscribed_frame(op.ref, op.feed))
+        else:
+            return False
+        return True
+
+    async def handle_text(self, text: str) -> None:
+        op = self.receive(text)
+        if op is not None and not self.answer_now(op):
+            await self.run(op)
+
+    async def run(self, op: ClientOp) -> None:
+        """Answer `op`; its errors become error frames."""
         try:
             await self.dispatch(op)
         except StreamdError as err:
@@ -85,19 +114,15 @@ class Session:
         self.hub.send(self.conn, error_frame(err))
 
     async def dispatch(self, op: ClientOp) -> None:
-        if op.op == "ping":
-            self.hub.send(self.conn, pong_frame(op.ref))
-        elif op.op == "auth":
+        if self.answer_now(op):
+            return
+        if op.op == "auth":
             assert op.token is not None
             self.principal = await self.auth.principal(op.token)
             self.conn.principal = self.principal
             self.hub.send(self.conn, ok_frame(op.ref))
         elif op.op == "subscribe":
             await self.subscribe(op)
-        elif op.op == "unsubscribe":
-            assert op.feed is not None
-            self.hub.detach(op.feed, self.conn)
-            self.hub.send(self.conn, unsubscribed_frame(op.ref, op.feed))
 
     async def subscribe(self, op: ClientOp) -> None:
         feed = op.feed
@@ -178,6 +203,43 @@ def client_ip(request: web.Request, settings: Settings) -> str:
     return request.remote or "?"
 
 
+class Upgrade(web.StreamResponse):
+    """The `101 Switching Protocols` answer. aiohttp writes it; after it the
+    connection is no longer aiohttp's, so nothing is written at its end."""
+
+    def __init__(self, accept: str) -> None:
+        super().__init__(
+            status=101,
+            headers={hdrs.UPGRADE: "websocket", hdrs.CONNECTION: "upgrade", hdrs.SEC_WEBSOCKET_ACCEPT: accept},
+        )
+        self.force_close()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        pass
+
+
+def accept_key(request: web.Request) -> str:
+    """Check the opening handshake (RFC 6455 section 4.2.1); the Sec-WebSocket-Accept value."""
+    headers = request.headers
+    if headers.get(hdrs.UPGRADE, "").strip().lower() != "websocket":
+        raise web.HTTPBadRequest(text="not a WebSocket upgrade: Upgrade: websocket is missing")
+    if "upgrade" not in (token.strip().lower() for token in headers.get(hdrs.CONNECTION, "").split(",")):
+        raise web.HTTPBadRequest(text="not a WebSocket upgrade: Connection: Upgrade is missing")
+    if headers.get(hdrs.SEC_WEBSOCKET_VERSION, "").strip() != "13":
+        raise web.HTTPBadRequest(text="unsupported WebSocket version", headers={hdrs.SEC_WEBSOCKET_VERSION: "13"})
+    key = headers.get(hdrs.SEC_WEBSOCKET_KEY, "").strip()
+    try:
+        valid = len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        valid = False
+    if not valid:
+        raise web.HTTPBadRequest(text="bad Sec-WebSocket-Key")
+    return base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
 async def websocket_handler(
     request: web.Request, hub: Hub, auth: Auth, lists: Lists, limiter: KeyedLimiter, settings: Settings
 ) -> web.StreamResponse:
@@ -186,46 +248,43 @@ async def websocket_handler(
     token = token_of(request)
     principal = await auth.principal(token) if token is not None else None  # Unauthorized: HTTP 401
 
-    ws = web.WebSocketResponse(
-        max_msg_size=settings.max_frame_bytes,
-        compress=False,
-        heartbeat=settings.ws_ping_seconds,
-    )
+    response = Upgrade(accept_key(request))
     try:
-        await ws.prepare(request)
+        await response.prepare(request)
     except ConnectionError:
-        return ws  # the client left during the upgrade
+        return response  # the client left during the upgrade
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return response
+    ws = WebSocket(hub, transport, settings.max_frame_bytes, hub.now())
+    session = Session(hub, auth, lists, settings, ws)
+    session.principal = principal
+    ws.session = session
+    ws.principal = principal
+    early = _hand_over(request, ws)
+    hub.add(ws)
+    ws.start(early)
+    # The handler ends here; the socket lives on in `ws` and the hub.
+    return response
+
+
+def _hand_over(request: web.Request, ws: WebSocket) -> bytes:
+    """Give the socket's transport to `ws` and make aiohttp forget the connection;
+    the bytes the client sent right behind its upgrade request.
+
+    aiohttp's request handler would otherwise close the transport when this
+    request's handler returns: it is told the connection is gone (with no
+    transport left to close), which also drops it from the server's list of
+    connections and frees its parser, request and task."""
+    handler = request.protocol
     transport = request.transport
     assert transport is not None
-    conn = Connection(ws, transport)
-    session = Session(hub, auth, lists, settings, conn)
-    session.principal = principal
-    conn.principal = principal
-    hub.add(conn)
-    try:
-        # Ends when the socket closes, also when the hub closes it (4008, 1008...).
-        while True:
-            msg = await ws.receive()
-            if msg.type == WSMsgType.TEXT:
-                if session.within_rate(time.monotonic()):
-                    await session.handle_text(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                hub.kill(conn, CloseCode.UNSUPPORTED_DATA, "binary frames are not supported; send JSON text")
-            else:  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp closed with 1009 on an oversized frame)
-                break
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    except Exception:
-        # The socket is upgraded: an HTTP error page can no longer be sent.
-        log.exception("websocket session failed")
-        hub.kill(conn, WSCloseCode.INTERNAL_ERROR, "internal error")
-    finally:
-        if not conn.closed:
-            hub.remove(conn)
-    # A close the hub started (4008, 1001, 4001...) finishes its handshake
-    # before the handler returns and aiohttp drops the connection.
-    await hub.wait_closed(conn)
-    return ws
+    # Only the upgrade request was parsed: anything behind it waits here.
+    early: bytes = getattr(handler, "_message_tail", b"")
+    transport.set_protocol(ws)
+    handler.transport = None
+    handler.connection_lost(None)
+    return early
 
 
 def make_recheck(hub: Hub, lists: Lists) -> Callable[[str, list[Connection]], Awaitable[None]]:

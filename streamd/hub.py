@@ -32,7 +32,7 @@ from streamd.sse import sse_chunk
 from streamd.wsframe import text_frame
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    from streamd.wssocket import WebSocket
 
 log = logging.getLogger("streamd.hub")
 
@@ -52,11 +52,11 @@ def _created_at(payload: bytes) -> int | None:
 
 
 class Connection:
-    """One reader's delivery state (a WebSocket, or an SSE response when `ws`
-    is None). Small on purpose: there are many."""
+    """One reader's delivery state: an SSE response, or the base of a
+    WebSocket (streamd.wssocket, whose `ws` is itself). Small on purpose:
+    there are many."""
 
     __slots__ = (
-        "ws",
         "transport",
         "encode",
         "pending",
@@ -70,10 +70,10 @@ class Connection:
         "__weakref__",
     )
 
-    def __init__(
-        self, ws: web.WebSocketResponse | None, transport: asyncio.Transport, encode: Encoder = text_frame
-    ) -> None:
-        self.ws = ws
+    ws: WebSocket | None = None
+
+    def __init__(self, ws: None, transport: asyncio.Transport, encode: Encoder = text_frame) -> None:
+        assert ws is None  # a WebSocket is a subclass
         self.transport = transport
         self.encode = encode  # protocol message -> bytes on the wire
         self.pending: list[bytes] = []
@@ -444,23 +444,51 @@ class Hub:
 
     # -- heartbeats and resync --------------------------------------------------
 
+    def now(self) -> float:
+        return self._loop.time()
+
     async def _heartbeats(self) -> None:
-        """One timer for every connection: heartbeats after quiet, expiries, dead SSE peers."""
-        ws_quiet = self._settings.heartbeat_seconds
-        sse_quiet = self._settings.sse_keepalive_seconds
+        """One timer for every connection: heartbeats after quiet, WebSocket pings
+        and dead peers, token expiries, SSE readers gone.
+
+        A sweep visits every connection once, a slice per tick, so that sockets
+        that connected together are not all pinged in the same loop turn."""
+        s = self._settings
+        period = min(s.heartbeat_seconds, s.sse_keepalive_seconds, s.ws_ping_seconds, 10.0) / 5
+        ticks = 10
         while True:
-            await asyncio.sleep(min(ws_quiet / 5, sse_quiet / 5, 5.0))
-            now = self._loop.time()
-            wall = time.time()
-            payload = heartbeat_frame(int(wall * 1000))
-            for conn in list(self.connections):
-                expires = conn.principal.expires_at if conn.principal is not None else None
-                if expires is not None and expires <= wall:
-                    self.kill(conn, CloseCode.TOKEN_REVOKED, "the token expired")
-                elif conn.transport.is_closing():
-                    self.remove(conn)  # an SSE reader that went away
-                elif now - conn.last_write >= (ws_quiet if conn.ws is not None else sse_quiet):
-                    self.send(conn, payload)
+            conns = list(self.connections)
+            size = -(-len(conns) // ticks)
+            for i in range(ticks):
+                await asyncio.sleep(period / ticks)
+                self._sweep(conns[i * size : (i + 1) * size])
+
+    def _sweep(self, conns: list[Connection]) -> None:
+        s = self._settings
+        ws_quiet, sse_quiet = s.heartbeat_seconds, s.sse_keepalive_seconds
+        ping_every, pong_within = s.ws_ping_seconds, s.ws_ping_seconds / 2
+        now = self._loop.time()
+        wall = time.time()
+        payload: bytes | None = None
+        for conn in conns:
+            if conn.closed:
+                continue
+            expires = conn.principal.expires_at if conn.principal is not None else None
+            if expires is not None and expires <= wall:
+                self.kill(conn, CloseCode.TOKEN_REVOKED, "the token expired")
+                continue
+            ws = conn.ws
+            if ws is not None:
+                ws.keepalive(now, ping_every, pong_within)
+                if conn.closed:
+                    continue
+            elif conn.transport.is_closing():
+                self.remove(conn)  # an SSE reader that went away
+                continue
+            if now - conn.last_write >= (ws_quiet if ws is not None else sse_quiet):
+                if payload is None:
+                    payload = heartbeat_frame(int(wall * 1000))
+                self.send(conn, payload)
 
     def _resync_all(self, channels: frozenset[bytes]) -> None:
         """The live stream of `channels` broke and is back: fill in their feeds
