@@ -1,8 +1,11 @@
 """The fan-out worker: ingest stream -> feed histories + live channels.
 
 Reads the ingest stream through the `fanout` consumer group, appends each
-post to every feed it reaches (history append and live publish are one Lua
-script per feed) and acknowledges the entry only after every feed is written.
+post to every feed it reaches and acknowledges the entry only after every
+feed is written. History append and live publish are one Lua script call
+carrying a whole batch: every post of the batch for every feed of one slot
+(all feeds, on a single server), so a batch costs two round trips: the
+writes, and one that acknowledges the previous batch and reads the next.
 The script skips a post already in a feed, so an entry redelivered after a
 crash never puts a post into a feed twice. Entries left pending by a dead
 worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
@@ -18,28 +21,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError, ResponseError
 
 from streamd import keys
 from streamd.feeds import expand
 from streamd.metrics import Metrics
 from streamd.posts import build_post, post_id_for
+from streamd.resp import Command, RespConnection
 from streamd.settings import Settings
-from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Script, Scripts
+from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
 
 log = logging.getLogger("streamd.fanout")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 # A blocked XREADGROUP whose stream moved away or was deleted; a group that is gone.
 LOST_STREAM = ("UNBLOCKED", "NOGROUP")
-Write = tuple[Script, list[str], list[Any]]  # a script, its keys, its args
+# (feed, post) items per feed_append call: bounds how long one call holds Redis.
+MAX_CALL_ITEMS = 256
+# Under steady traffic (a batch less than BUSY_GAP_S after the one before) the
+# worker waits LINGER_S before its next read, so that each round trip carries
+# a few posts instead of one; light traffic is read the moment it arrives.
+LINGER_S = 0.002
+BUSY_GAP_S = 0.005
 
 
 def consumer_name() -> str:
@@ -66,6 +79,12 @@ class FanoutWorker:
         self._dead = keys.dead_letter_stream(shard)
         self.processed = 0
         self._replicas = Replicas(client, settings)
+        self._cluster = is_cluster(client)
+        self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret; no syscall each
+        self._acks: list[bytes] = []  # written, to acknowledge with the next read
+        # While `run` works: a bare connection for the reads and writes of the
+        # batches (a single server; None under Cluster or TLS: redis-py).
+        self._link: RespConnection | None = None
 
     async def ensure_group(self) -> None:
         try:
@@ -82,11 +101,22 @@ class FanoutWorker:
         author (one shard) are fanned out one batch after the other, in order;
         other workers wait as standbys and take the lease when it expires.
         """
+        self._link = RespConnection.for_client(self._redis)
+        try:
+            await self._work(stop)
+        finally:
+            if self._link is not None:
+                self._link.close()
+                self._link = None
+        await self._leave_group()
+
+    async def _work(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         next_claim = 0.0
         ttl = max(self._settings.claim_idle_ms, 100)
         block_ms = max(10, min(500, ttl // 3))  # the lease is renewed between reads
         renewed = 0.0
+        last_batch = 0.0
         catch_up = True  # first the entries pending from before (a previous holder, a failed batch)
         while not stop.is_set():
             try:
@@ -96,31 +126,43 @@ class FanoutWorker:
                     if now - renewed > ttl / 3000:
                         held = await self._lease(ttl)
                         if held == 0:
+                            await self._ack()
                             renewed = 0.0
                             await _sleep_unless(stop, block_ms / 1000)
                             continue
                         catch_up = catch_up or held == 1
                         renewed = now
                     if catch_up:
+                        await self._ack()
                         await self.claim_stale(min_idle_ms=0)
                         catch_up = False
                     if now >= next_claim:
+                        await self._ack()
                         await self.claim_stale()
                         await self.trim_ingest()
                         next_claim = now + self._settings.claim_every_seconds
-                    await self.step(block_ms=block_ms)
+                    # The previous batch is acknowledged by this read's round trip.
+                    count = await self._read_and_write(block_ms)
+                    if 0 < count < self._settings.fanout_batch:
+                        done_at = time.monotonic()
+                        if done_at - last_batch < BUSY_GAP_S:
+                            await asyncio.sleep(LINGER_S)
+                        last_batch = done_at
                     backoff = 0.1
+                await self._ack()
             except (*TRANSIENT_ERRORS, ResponseError) as err:
                 if isinstance(err, ResponseError) and not str(err).startswith(LOST_STREAM):
                     raise
                 # LOST_STREAM: the stream left this node (its slot migrated) or
                 # was deleted while we were blocked on it: find it again.
                 log.warning("fanout: redis unavailable (%s); retrying in %.1fs", err, backoff)
+                # Entries written and not acknowledged stay pending: the catch-up
+                # claims them, and the scripts skip what is in the feeds already.
+                self._acks = []
                 catch_up = True
                 renewed = 0.0
                 await _sleep_unless(stop, backoff)
                 backoff = min(backoff * 2, 5.0) * (0.5 + secrets.randbelow(1000) / 1000)
-        await self._leave_group()
 
     async def _lease(self, ttl_ms: int) -> int:
         """Take or extend this worker's lease on the shard (0: another holds it)."""
@@ -128,18 +170,54 @@ class FanoutWorker:
         return held
 
     async def step(self, block_ms: int | None = None) -> int:
-        """Read and fan out one batch of new entries; returns how many."""
-        reply = await self._redis.xreadgroup(
-            keys.FANOUT_GROUP,
-            self.consumer,
-            {self._stream: ">"},
-            count=self._settings.fanout_batch,
-            block=block_ms,
-        )
-        entries: list[Entry] = reply[0][1] if reply else []
+        """Read, fan out and acknowledge one batch of new entries; returns how many."""
+        count = await self._read_and_write(block_ms)
+        await self._ack()
+        return count
+
+    async def _read_and_write(self, block_ms: int | None) -> int:
+        """Acknowledge the entries done so far and read the next batch, in one
+        round trip, then write the batch's feeds; its ids wait for the next ack.
+        An entry written but not yet acknowledged is only ever redelivered, and
+        a redelivered entry writes nothing twice."""
+        acks, self._acks = self._acks, []
+        batch = self._settings.fanout_batch
+        if self._link is not None:
+            read: Command = ("XREADGROUP", "GROUP", keys.FANOUT_GROUP, self.consumer, "COUNT", batch)
+            if block_ms is not None:
+                read = (*read, "BLOCK", block_ms)
+            read = (*read, "STREAMS", self._stream, ">")
+            replies = await self._link.execute([("XACK", self._stream, keys.FANOUT_GROUP, *acks), read] if acks else [read])
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+            reply = replies[-1]
+        elif acks:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xack(self._stream, keys.FANOUT_GROUP, *acks)
+            pipe.xreadgroup(keys.FANOUT_GROUP, self.consumer, {self._stream: ">"}, count=batch, block=block_ms)
+            reply = (await pipe.execute())[1]
+        else:
+            reply = await self._redis.xreadgroup(
+                keys.FANOUT_GROUP, self.consumer, {self._stream: ">"}, count=batch, block=block_ms
+            )
+        entries = _entries(reply[0][1]) if reply else []
         if entries:
-            await self.process(entries)
+            done = await self.write_feeds(entries)
+            self._acks.extend(done)
+            self.processed += len(done)
         return len(entries)
+
+    async def _ack(self) -> None:
+        acks, self._acks = self._acks, []
+        if not acks:
+            return
+        if self._link is not None:
+            (reply,) = await self._link.execute([("XACK", self._stream, keys.FANOUT_GROUP, *acks)])
+            if isinstance(reply, Exception):
+                raise reply
+        else:
+            await self._redis.xack(self._stream, keys.FANOUT_GROUP, *acks)
 
     async def claim_stale(self, min_idle_ms: int | None = None) -> int:
         """Take over entries another consumer left pending for too long
@@ -166,6 +244,7 @@ class FanoutWorker:
                 return claimed
 
     async def process(self, entries: Sequence[Entry]) -> None:
+        """Fan out `entries` and acknowledge them."""
         done = await self.write_feeds(entries)
         if done:
             await self._redis.xack(self._stream, keys.FANOUT_GROUP, *done)
@@ -182,87 +261,106 @@ class FanoutWorker:
         entry that Redis itself refuses (a script error: the entry is
         malformed) would fail forever, so it goes to the dead letters instead.
         """
-        epoch = secrets.token_hex(4)
-        planned: list[tuple[bytes, dict[bytes, bytes], list[Write]]] = []
+        # A fresh epoch for each batch: a feed whose history was lost gets one its old cursors do not name.
+        epoch = f"{self._random.getrandbits(32):08x}"
+        plan = Plan(self._scripts, self._settings.feed_history_len, epoch, self._slot_of)
+        kept: list[Entry] = []
         for raw_id, fields in entries:
             try:
-                writes = self._plan(raw_id.decode(), fields, epoch)
+                self._plan(plan, len(kept), raw_id, fields)
             except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
                 await self._dead_letter(raw_id, fields, f"unparseable ingest entry: {err!r}")
                 continue
-            planned.append((raw_id, fields, writes))
-        if not planned:
+            kept.append((raw_id, fields))
+        calls = plan.finish()
+        if not calls:
             return []
-        written = [keys_[0] for _, _, writes in planned for _, keys_, _ in writes]
-        wait = await self._replicas.plan(written)
+        wait = await self._replicas.plan([call.keys[0] for call in calls])
 
-        async def build(pipe: AnyPipeline) -> None:
-            for _, _, writes in planned:
-                for script, keys_, args in writes:
-                    await script(keys=keys_, args=args, client=pipe)
-            wait.queue(pipe)
+        async def build(pipe: AnyPipeline | _Commands) -> None:
+            # EVALSHA queued as it is: a plain pipeline given scripts asks
+            # SCRIPT EXISTS first, one more round trip. A missing script
+            # (NOSCRIPT) makes `Scripts.run` load them all and run it again.
+            for call in calls:
+                pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
+            wait.queue(pipe)  # type: ignore[arg-type]
 
-        results = await self._scripts.run(self._redis, build)
+        if self._link is not None:
+            commands = _Commands()
+            await build(commands)
+            results = await self._link.execute(commands)
+            if any(isinstance(r, NoScriptError) for r in results):
+                # The server lost its scripts (restarted): load them, run again;
+                # each script skips what is done already.
+                await self._scripts.load(self._redis)
+                results = await self._link.execute(commands)
+        else:
+            results = await self._scripts.run(self._redis, build)
         wait.check(results[len(results) - len(wait) :] if len(wait) else [])
-        replies_of = iter(results)
+        written: list[list[bytes]] = [[] for _ in kept]
+        refused: dict[int, str] = {}
+        for call, reply in zip(calls, results, strict=False):
+            if isinstance(reply, (*TRANSIENT_ERRORS, NoScriptError)):
+                raise reply  # nothing of this batch is acked: it is all retried
+            if isinstance(reply, Exception):
+                for owner in call.owners:
+                    refused.setdefault(owner, str(reply))
+                continue
+            for owner, item in zip(call.owners, reply if isinstance(reply, list) else [reply], strict=True):
+                if not item:
+                    continue  # already in the feed, or deleted
+                if item[:1] == b"!":
+                    refused.setdefault(owner, item[1:].decode(errors="replace"))
+                else:
+                    written[owner].append(item)
         done: list[bytes] = []
-        refused: list[tuple[bytes, dict[bytes, bytes], ResponseError]] = []
-        for raw_id, fields, writes in planned:
-            replies = [next(replies_of) for _ in writes]
-            errors = [r for r in replies if isinstance(r, Exception)]
-            transient = [e for e in errors if isinstance(e, (*TRANSIENT_ERRORS, NoScriptError))]
-            if transient:
-                raise transient[0]  # nothing of this batch is acked: it is all retried
-            if errors:
-                refused.append((raw_id, fields, errors[0]))
+        for n, (raw_id, fields) in enumerate(kept):
+            if n in refused:
+                await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {refused[n]}")
             else:
                 done.append(raw_id)
-                self._count(raw_id, fields, replies)
-        for raw_id, fields, err in refused:
-            await self._dead_letter(raw_id, fields, f"redis refused its feed writes: {err}")
+        self._count(kept, written, refused)
         return done
 
-    def _count(self, raw_id: bytes, fields: dict[bytes, bytes], replies: list[Any]) -> None:
-        """Count one entry's feed writes. A written item's entry id is the time
-        its feed got it, and the ingest entry id the post's created_at."""
+    def _count(self, kept: list[Entry], written: list[list[bytes]], refused: dict[int, str]) -> None:
+        """Count a batch's feed writes, in bulk. A written item's entry id is
+        the time its feed got it, and the ingest entry id the post's created_at."""
         m = self.metrics
-        written = [r for r in replies if r is not None]  # None: already in the feed, or deleted
-        m.feed_items_written.inc(len(written))
-        if b"x" in fields:
-            return  # the delete of a post
-        m.posts_fanned_out.inc()
-        created = int(raw_id.partition(b"-")[0])
-        for entry_id in written:
-            m.ingest_lag.observe(max(0, int(entry_id.partition(b"-")[0]) - created) / 1000)
+        items = posts = 0
+        lag = m.ingest_lag
+        for n, (raw_id, fields) in enumerate(kept):
+            if n in refused:
+                continue
+            items += len(written[n])
+            if b"x" in fields:
+                continue  # the delete of a post
+            posts += 1
+            created = int(raw_id.partition(b"-")[0])
+            for entry_id in written[n]:
+                lag.observe(max(0, int(entry_id.partition(b"-")[0]) - created) / 1000)
+        if items:
+            m.feed_items_written.inc(items)
+        if posts:
+            m.posts_fanned_out.inc(posts)
 
-    def _plan(self, entry_id: str, fields: dict[bytes, bytes], epoch: str) -> list[Write]:
-        """The feed writes of one ingest entry: a post, or the delete of one."""
+    def _plan(self, plan: Plan, n: int, raw_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Plan the feed writes of ingest entry number `n`: a post, or the delete of one."""
         if b"x" in fields:
             post_id = fields[b"x"].decode()
             feeds = orjson.loads(fields[b"f"])
-            if not isinstance(feeds, list):
-                raise TypeError("feeds of a delete must be a list")
-            return [
-                (
-                    self._scripts.feed_delete,
-                    [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
-                    [keys.feed_channel(feed), feed, post_id, epoch],
-                )
-                for feed in feeds
-            ]
+            if not isinstance(feeds, list) or not all(isinstance(f, str) for f in feeds):
+                raise TypeError("feeds of a delete must be a list of names")
+            plan.delete(n, post_id, feeds)
+            return
         author = fields[b"a"].decode()
-        post_id = post_id_for(entry_id, self._shard, self._settings.ingest_shards)
+        post_id = post_id_for(raw_id.decode(), self._shard, self._settings.ingest_shards)
         post = build_post(post_id, author, fields[b"d"])
         lists = orjson.loads(fields.get(b"l", b"[]"))
-        post_json = orjson.dumps(post)
-        return [
-            (
-                self._scripts.feed_append,
-                [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
-                [keys.feed_channel(feed), feed, post_id, post_json, self._settings.feed_history_len, epoch],
-            )
-            for feed in expand(author, post["events"], lists)
-        ]
+        plan.post(n, post_id, orjson.dumps(post), expand(author, post["events"], lists))
+
+    def _slot_of(self, feed: str) -> int:
+        # One script call per slot under Cluster; a single server takes every feed in one.
+        return key_slot(keys.feed_stream(feed).encode()) if self._cluster else 0
 
     async def _dead_letter(self, raw_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
         record: dict[Any, Any] = {b"entry": raw_id, b"reason": reason.encode(), **fields}
@@ -310,3 +408,105 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
         pass
+
+
+@dataclass(slots=True)
+class Call:
+    """One script call of a batch."""
+
+    sha: str
+    keys: list[str]
+    args: list[Any]
+    owners: list[int]  # per reply item: the number of the ingest entry it belongs to
+
+
+class _Group:
+    """Posts of one slot waiting for their feed_append call."""
+
+    __slots__ = ("posts", "numbers", "feeds", "items")
+
+    def __init__(self) -> None:
+        self.posts: list[str | bytes] = []  # post id, post JSON, post id, ...
+        self.numbers: dict[int, int] = {}  # entry number -> post number in the call (1..)
+        self.feeds: dict[str, list[int]] = {}  # feed -> entry numbers, in order
+        self.items = 0
+
+
+class Plan:
+    """The script calls of one batch, in an order that keeps every feed's
+    items in the order of acceptance: the posts for the feeds of one slot
+    share one feed_append call (at most MAX_CALL_ITEMS items), and a delete
+    first closes every open call, so it runs after the posts before it and
+    before the posts after it."""
+
+    def __init__(self, scripts: Scripts, history_len: int, epoch: str, slot_of: Callable[[str], int]) -> None:
+        self._append = scripts.feed_append.sha
+        self._delete = scripts.feed_delete.sha
+        self._history_len = history_len
+        self._epoch = epoch
+        self._slot_of = slot_of
+        self._groups: dict[int, _Group] = {}
+        self.calls: list[Call] = []
+
+    def post(self, n: int, post_id: str, post_json: bytes, feeds: list[str]) -> None:
+        for feed in feeds:
+            slot = self._slot_of(feed)
+            group = self._groups.get(slot)
+            if group is None:
+                group = self._groups[slot] = _Group()
+            if n not in group.numbers:
+                group.numbers[n] = len(group.numbers) + 1
+                group.posts += (post_id, post_json)
+            group.feeds.setdefault(feed, []).append(n)
+            group.items += 1
+            if group.items >= MAX_CALL_ITEMS:
+                self._close(slot)
+
+    def delete(self, n: int, post_id: str, feeds: list[str]) -> None:
+        for slot in list(self._groups):
+            self._close(slot)
+        for feed in feeds:
+            self.calls.append(
+                Call(
+                    self._delete,
+                    [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                    [keys.feed_channel(feed), feed, post_id, self._epoch],
+                    [n],
+                )
+            )
+
+    def finish(self) -> list[Call]:
+        for slot in list(self._groups):
+            self._close(slot)
+        return self.calls
+
+    def _close(self, slot: int) -> None:
+        group = self._groups.pop(slot)
+        keys_: list[str] = []
+        args: list[Any] = [self._history_len, self._epoch, len(group.numbers), *group.posts]
+        owners: list[int] = []
+        numbers = group.numbers
+        for feed, entries in group.feeds.items():
+            keys_ += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
+            args += (keys.feed_channel(feed), feed, len(entries))
+            args += [numbers[n] for n in entries]
+            owners += entries
+        self.calls.append(Call(self._append, keys_, args, owners))
+
+
+class _Commands(list[Command]):
+    """Commands queued the way a pipeline queues them, for a `RespConnection`."""
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.append(args)
+
+
+def _entries(raw: list[Any]) -> list[Entry]:
+    """Stream entries from XREADGROUP, parsed by redis-py (field dicts) or raw (field lists)."""
+    out: list[Entry] = []
+    for entry_id, fields in raw:
+        if not isinstance(fields, dict):
+            it = iter(fields)
+            fields = dict(zip(it, it, strict=True))
+        out.append((entry_id, fields))
+    return out
