@@ -8,6 +8,7 @@ from importlib import resources
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from streamd import http_api, http_feeds, http_lists, http_web, store
@@ -95,7 +96,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         scripts = store.Scripts.register(client)
         # The hot paths (tokens, memberships, accepting posts) share one
         # auto-pipelined connection when Redis is one server.
-        fast = None if store.is_cluster(client) else AutoPipeline.for_client(client)
+        fast = AutoPipeline.for_client(client) if isinstance(client, aioredis.Redis) else None
         app[REDIS] = client
         app[SCRIPTS] = scripts
         app[AUTH] = auth = Auth(

@@ -147,6 +147,8 @@ class AutoPipeline:
             if self._connecting is None:
                 self._connecting = asyncio.ensure_future(self._connect())
             return  # written once connected
+        if transport.is_closing():
+            return  # written on the next connection, once this one is reported lost
         data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
         self._written.extend(self._queued_futures)
         self._queued = []
@@ -174,7 +176,7 @@ class AutoPipeline:
             # Commands are written as soon as the turn ends: never held back for an ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = hiredis.Reader(replyError=_ReplyError)
-        self._transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        self._transport = transport
         self._protocol = protocol
         # AUTH and SELECT go first; a failure among them fails the commands behind them too.
         hello = [hiredis.pack_command(cmd) for cmd in self._hello]
@@ -213,7 +215,7 @@ class AutoPipeline:
             if future.done():  # its caller was cancelled
                 continue
             if isinstance(reply, _ReplyError):
-                future.set_exception(BaseParser.parse_error(str(reply)))
+                future.set_exception(BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
             else:
                 future.set_result(reply)
 

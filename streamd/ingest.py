@@ -80,7 +80,8 @@ class Ingest:
         token_digest = auth.digest_of(token)
         use = auth.use(token_digest, count_post=True)
         hint = auth.known(token_digest)
-        members: Awaitable[Any] | None = self._lists.read_memberships(hint.handle) if hint is not None else None
+        hinted = hint.handle if hint is not None else None
+        members: Awaitable[Any] | None = self._lists.read_memberships(hinted) if hinted is not None else None
         try:
             who = auth.checked_use(token_digest, await use)
             new = validate_new_post(await read_json(request), self._settings)
@@ -89,7 +90,7 @@ class Ingest:
             raise
         author = who.handle
         assert author is not None
-        if hint is None or hint.handle != author:
+        if hinted != author:
             _forget(members)
             members = self._lists.read_memberships(author)
         assert members is not None

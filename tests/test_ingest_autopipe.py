@@ -72,7 +72,7 @@ async def test_commands_in_flight_are_bounded(redis: aioredis.Redis) -> None:
         first, second = fast.execute("PING"), fast.execute("PING")
         with pytest.raises(RedisConnectionError, match="already wait"):
             fast.execute("PING")
-        assert await asyncio.gather(first, second) == [b"PONG", b"PONG"]
+        assert list(await asyncio.gather(first, second)) == [b"PONG", b"PONG"]
         assert await fast.execute("PING") == b"PONG"  # room again
     finally:
         await fast.aclose()
