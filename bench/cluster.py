@@ -187,7 +187,8 @@ def start(args: argparse.Namespace, stack: contextlib.ExitStack, workdir: Path, 
     running = ClusterRunning(
         "streamd",
         port,
-        # What run_step reads the RSS of: the gateway workers.
+        # The gateway workers, whose RSS compare.run_step reads: it uses only `.pid`,
+        # and these are the supervisor's children, not Popen objects of ours.
         {n.removeprefix("sut:"): p for n, p in workers.items() if n.startswith("sut:")},  # type: ignore[misc]
         {"ingest": ingest},
         publisher=poster,
@@ -247,14 +248,11 @@ def redis_memory(cluster: EmbeddedCluster, feeds: int) -> dict[str, Any]:
     feed = feed_name(0)
     port = cluster.ports[0]
     entries = int(_cli(cluster, port, "XLEN", keys.feed_stream(feed)) or 0)
-    history = {
-        "feed": feed,
-        "entries": entries,
-        "items_bytes": int(_cli(cluster, port, "MEMORY", "USAGE", keys.feed_stream(feed)) or 0),
-        "index_bytes": int(_cli(cluster, port, "MEMORY", "USAGE", keys.feed_index(feed)) or 0),
-    }
+    items = int(_cli(cluster, port, "MEMORY", "USAGE", keys.feed_stream(feed)) or 0)
+    index = int(_cli(cluster, port, "MEMORY", "USAGE", keys.feed_index(feed)) or 0)
+    history: dict[str, Any] = {"feed": feed, "entries": entries, "items_bytes": items, "index_bytes": index}
     if entries:
-        history["bytes_per_entry"] = round((history["items_bytes"] + history["index_bytes"]) / entries, 1)
+        history["bytes_per_entry"] = round((items + index) / entries, 1)
     return {"nodes": nodes, "history": history}
 
 
