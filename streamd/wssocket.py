@@ -172,7 +172,8 @@ class WebSocket(Connection, asyncio.Protocol):
         # An op that awaits: the next frames wait until it is answered.
         self._busy = busy = asyncio.ensure_future(session.run(op))
         busy.add_done_callback(self._answered)
-        self.transport.pause_reading()
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def _answered(self, task: asyncio.Future[None]) -> None:
         self._busy = None
@@ -180,7 +181,7 @@ class WebSocket(Connection, asyncio.Protocol):
             # The socket is upgraded: an HTTP error page can no longer be sent.
             log.error("websocket session failed", exc_info=task.exception())
             self.hub.kill(self, INTERNAL_ERROR, "internal error")
-        if self._state == WebSocket.LOST:
+        if self._state == WebSocket.LOST or self.transport.is_closing():
             return
         self.transport.resume_reading()
         if self._buf:
@@ -192,11 +193,16 @@ class WebSocket(Connection, asyncio.Protocol):
         """The client's close frame: an answer to ours, or its own close."""
         state = self._state
         self._state = WebSocket.CLOSE_RECEIVED
+        transport = self.transport
         if state == WebSocket.OPEN:
             if not self.closed:
                 self.hub.remove(self)
-            self.transport.write(wsframe.close_frame(code) if code != wsframe.NO_STATUS else wsframe.control_frame(wsframe.CLOSE))
-        self.transport.close()
+            no_code = code == wsframe.NO_STATUS
+            transport.write(wsframe.control_frame(wsframe.CLOSE) if no_code else wsframe.close_frame(code))
+        if transport.get_write_buffer_size():
+            transport.abort()  # it said goodbye and does not read: what is left would never get through
+        else:
+            transport.close()
         waiter = self._closed_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -1,0 +1,193 @@
+"""The socket after the upgrade, byte for byte: framing, control frames and the
+closing handshake of RFC 6455, against the real server with a raw client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import struct
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from streamd import wsframe
+from streamd.http_base import HUB
+from tests.test_ws_frames import client_frame
+
+TIMEOUT = 10
+
+
+def upgrade_request() -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+class RawWs:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def send(self, opcode: int, payload: bytes, **kw: Any) -> None:
+        self.writer.write(client_frame(opcode, payload, **kw))
+
+    def send_json(self, **frame: Any) -> None:
+        self.send(wsframe.TEXT, orjson.dumps(frame))
+
+    async def frame(self) -> tuple[int, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(2), TIMEOUT)
+        assert not head[1] & 0x80, "server frames are not masked"
+        n = head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+        payload = await asyncio.wait_for(self.reader.readexactly(n), TIMEOUT) if n else b""
+        assert head[0] & 0x80, "streamd sends whole messages"
+        return head[0] & 0x0F, payload
+
+    async def text(self) -> dict[str, Any]:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == wsframe.TEXT:
+                message: dict[str, Any] = orjson.loads(payload)
+                if message["op"] != "heartbeat":
+                    return message
+            else:
+                assert opcode in (wsframe.PING, wsframe.PONG), opcode
+
+    async def close_code(self) -> int:
+        """Skip to the server's close frame; its code."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == wsframe.CLOSE:
+                return int(struct.unpack("!H", payload[:2])[0])
+
+    async def eof(self) -> None:
+        assert await asyncio.wait_for(self.reader.read(), TIMEOUT) == b""
+
+
+@pytest.fixture
+async def raw(server: Any) -> AsyncIterator[Callable[..., Any]]:
+    opened: list[RawWs] = []
+
+    async def connect(early: bytes = b"") -> RawWs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(upgrade_request() + early)
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        assert status.startswith(b"HTTP/1.1 101"), status
+        ws = RawWs(reader, writer)
+        opened.append(ws)
+        return ws
+
+    yield connect
+    for ws in opened:
+        ws.writer.close()
+
+
+async def test_a_fragmented_message_with_a_ping_between_its_fragments(raw: Any) -> None:
+    ws = await raw()
+    text = orjson.dumps({"op": "ping", "ref": "frag"})
+    ws.send(wsframe.TEXT, text[:5], fin=False)
+    ws.send(wsframe.CONTINUATION, text[5:9], fin=False)
+    ws.send(wsframe.PING, b"are you there")
+    ws.send(wsframe.CONTINUATION, text[9:])
+    assert await ws.frame() == (wsframe.PONG, b"are you there")
+    assert await ws.text() == {"op": "pong", "ref": "frag"}
+
+
+async def test_frames_sent_right_behind_the_upgrade_request_are_answered(raw: Any) -> None:
+    pings = [client_frame(wsframe.TEXT, b'{"op":"ping","ref":%d}' % ref) for ref in (1, 2)]
+    ws = await raw(early=b"".join(pings))
+    assert await ws.text() == {"op": "pong", "ref": 1}
+    assert await ws.text() == {"op": "pong", "ref": 2}
+
+
+async def test_ops_are_answered_in_order_while_a_subscribe_waits(raw: Any) -> None:
+    ws = await raw()
+    ws.writer.write(
+        b"".join(
+            client_frame(wsframe.TEXT, orjson.dumps(f))
+            for f in (
+                {"op": "subscribe", "feed": "user:ann", "ref": 1},
+                {"op": "ping", "ref": 2},
+                {"op": "unsubscribe", "feed": "user:ann", "ref": 3},
+            )
+        )
+    )
+    assert [(m["op"], m["ref"]) for m in [await ws.text() for _ in range(3)]] == [
+        ("subscribed", 1),
+        ("pong", 2),
+        ("unsubscribed", 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    "frame, code",
+    [
+        (client_frame(wsframe.TEXT, b'{"op":"ping"}', masked=False), 1002),
+        (client_frame(wsframe.TEXT, b'{"op":"ping"}', rsv=0x40), 1002),
+        (client_frame(0x3, b""), 1002),
+        (client_frame(wsframe.CONTINUATION, b"x"), 1002),
+        (client_frame(wsframe.TEXT, b'{"op":"\xff"}'), 1007),
+        (client_frame(wsframe.TEXT, b"x" * 3000, fin=False) + client_frame(wsframe.CONTINUATION, b"x" * 3000), 1009),
+    ],
+)
+async def test_a_broken_frame_fails_the_connection(raw: Any, server: Any, frame: bytes, code: int) -> None:
+    ws = await raw()
+    ws.writer.write(frame)
+    assert await ws.close_code() == code
+    await ws.eof()  # the server does not wait for an answer to this close
+    assert not server.app[HUB].connections
+
+
+async def test_a_close_from_the_client_is_echoed_and_the_server_hangs_up(raw: Any, server: Any) -> None:
+    ws = await raw()
+    ws.send_json(op="subscribe", feed="user:ann")
+    assert (await ws.text())["op"] == "subscribed"
+    ws.send(wsframe.CLOSE, struct.pack("!H", 1000) + b"done")
+    assert await ws.close_code() == 1000
+    await ws.eof()
+    assert not server.app[HUB].connections
+
+
+async def test_a_close_the_server_starts_ends_when_the_client_answers(raw: Any, server: Any) -> None:
+    ws = await raw()
+    ws.send(wsframe.BINARY, b"\x00")
+    assert await ws.close_code() == 1003
+    ws.send(wsframe.CLOSE, struct.pack("!H", 1003))
+    await ws.eof()
+
+
+async def test_aiohttp_lets_go_of_an_upgraded_connection(raw: Any, server: Any) -> None:
+    ws = await raw()
+    ws.send_json(op="ping", ref=1)
+    assert (await ws.text())["op"] == "pong"
+    for _ in range(200):  # its request handler ends right after the upgrade
+        if not server.runner.server.connections:
+            break
+        await asyncio.sleep(0.01)
+    assert not server.runner.server.connections
+    assert len(server.app[HUB].connections) == 1
+
+
+async def test_a_peer_that_answers_pings_is_kept(start_server: Any, settings: Any) -> None:
+    srv = await start_server(settings.replace(ws_ping_seconds=0.2))
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(upgrade_request())
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).startswith(b"HTTP/1.1 101")
+    ws = RawWs(reader, writer)
+    pings = 0
+    while pings < 4:  # each unanswered ping would be the end of the socket
+        opcode, payload = await ws.frame()
+        if opcode == wsframe.PING:
+            pings += 1
+            ws.send(wsframe.PONG, payload)
+    ws.send_json(op="ping", ref="still here")
+    assert await ws.text() == {"op": "pong", "ref": "still here"}
+    writer.close()
