@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from streamd import keys
@@ -152,3 +153,40 @@ async def test_a_redis_outage_is_503_and_posting_resumes_after(
         await api.post(token, "after")  # the token survived in the AOF
     finally:
         private.stop()
+
+
+async def test_wait_replicas_accepts_once_a_replica_has_the_post(
+    start_server: Any, settings: Settings, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    primary = EmbeddedRedis(tmp_path / "primary", appendonly=False, extra_args=("--repl-diskless-sync-delay", "0"))
+    primary.start()
+    replica = EmbeddedRedis(tmp_path / "replica", appendonly=False, extra_args=("--replicaof", "127.0.0.1", str(primary.port)))
+    try:
+        srv = await start_server(settings.replace(wait_replicas=1, wait_timeout_ms=500), with_worker=False, url=primary.url)
+        api = Api(session, str(srv.make_url("")).rstrip("/"))
+        token = await api.user("durable")
+        # No replica yet: WAIT sees none, the post is not confirmed (503) though written.
+        status, body = await api.call("POST", "/v1/posts", {"text": "unconfirmed", "idempotency_key": "k"}, token)
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        replica.start()
+        client = aioredis.Redis.from_url(replica.url)
+        on_primary = aioredis.Redis.from_url(primary.url)
+        try:
+            # Until a write of our own is confirmed: the replica has synced and acks.
+            await on_primary.set("sd:test:synced", "1")
+            for _ in range(200):  # 20 s at most
+                if await on_primary.execute_command("WAIT", 1, 100) >= 1:
+                    break
+            else:
+                pytest.fail("the replica never acknowledged a write")
+            # The retry with the same key answers the post kept by the first try.
+            status, body = await api.call("POST", "/v1/posts", {"text": "unconfirmed", "idempotency_key": "k"}, token)
+            assert status == 201 and body["post"]["text"] == "unconfirmed"
+            post = await api.post(token, "confirmed")
+            assert await client.hget(keys.post_record(0, post["id"]), "a") == b"durable"  # on the replica
+        finally:
+            await client.aclose()
+            await on_primary.aclose()
+    finally:
+        replica.stop()
+        primary.stop()
