@@ -163,7 +163,9 @@ class Auth:
 
     def is_admin_token(self, token: str) -> bool:
         admin = self._admin_token
-        return bool(admin) and admin is not None and hmac.compare_digest(token.encode(), admin.encode())
+        if not admin:
+            return False
+        return hmac.compare_digest(token.encode(), admin.encode())
 
     def use(self, token_digest: str, *, count_post: bool) -> Awaitable[Any]:
         """Look a user token up in Redis, counting a post against its budget if
