@@ -336,29 +336,43 @@ class Hub:
         dirty, self._dirty = self._dirty, []
         now = self._loop.time()
         limit = self._limit
-        for conn in dirty:
+        for conn in dirty:  # write_now, inlined: once per socket and loop turn
             conn.dirty = False
-            self.write_now(conn, now, limit)
+            pending = conn.pending
+            if conn.closed or not pending:
+                continue
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            conn.pending_bytes = 0
+            transport = conn.transport
+            if transport.is_closing():
+                self.kill(conn, CloseCode.GOING_AWAY)
+                continue
+            transport.write(data)
+            conn.last_write = now
+            if transport.get_write_buffer_size() > limit:
+                self.kill(conn, CloseCode.TOO_SLOW)
         if self._posted:
             posted, self._posted = self._posted, []
             wall_ms = time.time() * 1000
             for created in posted:
                 self.metrics.delivery_latency.observe(max(0.0, wall_ms - created) / 1000)
 
-    def write_now(self, conn: Connection, now: float | None = None, limit: int | None = None) -> None:
+    def write_now(self, conn: Connection) -> None:
+        """Write what is queued for `conn` now, not at the end of the loop turn."""
         pending = conn.pending
         if conn.closed or not pending:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        conn.pending = []
+        pending.clear()
         conn.pending_bytes = 0
         transport = conn.transport
         if transport.is_closing():
             self.kill(conn, CloseCode.GOING_AWAY)
             return
         transport.write(data)
-        conn.last_write = self._loop.time() if now is None else now
-        if transport.get_write_buffer_size() > (self._limit if limit is None else limit):
+        conn.last_write = self._loop.time()
+        if transport.get_write_buffer_size() > self._limit:
             self.kill(conn, CloseCode.TOO_SLOW)
 
     def buffered(self, conn: Connection) -> int:
