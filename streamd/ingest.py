@@ -65,7 +65,14 @@ class Ingest:
         """The post accepted for the request, and whether it is new (False: an
         idempotent repeat). Errors in the order a client sees them: the token
         (401, 403, 429), then the body (413, 400)."""
-        if self._fast is not None and token is not None and token.startswith(USER_TOKEN_PREFIX) and not self._auth.is_admin_token(token):
+        fast_path = (
+            self._fast is not None
+            and token is not None
+            and token.startswith(USER_TOKEN_PREFIX)
+            and not self._auth.is_admin_token(token)
+        )
+        if fast_path:
+            assert token is not None
             post, created = await self._accept_auto_pipelined(token, request)
         else:
             post, created = await self._accept(token, request)
