@@ -1,12 +1,13 @@
 """The fan-out worker alone: CPU per post of `streamd fanout` and of Redis.
 
 A private Redis (`streamd.embedded.EmbeddedRedis`, no AOF unless `--aof`)
-and one `streamd fanout` process, both pinned to one CPU (`--cpu`); this
-process writes the ingest stream from another CPU. Posts are written the
-way `ingest_post.lua` writes them (`{a, d, l}`), over F author feeds
-`user:h<k>`, each post also tagged with `--events` event feeds.
+and one `streamd fanout` process, both pinned to one CPU (`--cpu`). Posts
+are written the way `ingest_post.lua` writes them (`{a, d, l}`), over F
+author feeds `user:h<k>`, each post also tagged with `--events` event feeds.
 
-Two modes per feed count:
+This process writes the posts on `--load-cpu` (default: the same CPU, as
+in the end-to-end benchmarks, where one core holds Redis, the worker and
+the load generator). Two modes per feed count:
 
 - backlog: N posts are queued before the worker starts; CPU from its
   ready line until the stream is drained (full batches: the best case);
@@ -17,7 +18,9 @@ Two modes per feed count:
 
 CPU comes from /proc/<pid>/task/*/schedstat (nanoseconds). Redis CPU per
 post is net of the ingest XADDs themselves (measured while filling the
-backlog). No subscribers are connected: PUBLISH finds no one.
+backlog; for a steady rate, by writing posts at that rate with no worker
+for up to two seconds first). No subscribers are connected: PUBLISH finds
+no one.
 """
 
 from __future__ import annotations
@@ -51,22 +54,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posts", type=int, default=20_000, help="posts in the backlog run (default 20000)")
     p.add_argument("--feeds", default="10,1000", help="author feed counts, comma-separated (default 10,1000)")
     p.add_argument("--events", type=int, default=0, help="event feeds per post, out of 10 (default 0)")
-    p.add_argument("--rates", default="1000,5000", help="steady rates in posts/s, comma-separated; '' for none")
+    p.add_argument("--rates", default="100,1000,5000,10000", help="steady rates in posts/s, comma-separated; '' for none")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each steady run (default 5)")
     p.add_argument("--cpu", type=int, default=1, help="CPU for Redis and the worker (default 1)")
+    p.add_argument(
+        "--load-cpu",
+        type=int,
+        default=None,
+        help="CPU for this process, which writes the posts (default: --cpu, as in the end-to-end benchmarks)",
+    )
     p.add_argument("--batch", type=int, default=None, help="STREAMD_FANOUT_BATCH for the worker")
     p.add_argument("--aof", action="store_true", help="Redis with appendonly (fsync every second)")
     p.add_argument("--text-bytes", type=int, default=120, help="post text length (default 120)")
     p.add_argument("--profile", default=None, help="py-spy record the first worker run (.svg: flamegraph, else collapsed stacks)")
     p.add_argument("--no-backlog", action="store_true", help="skip the backlog runs")
+    p.add_argument("--worker-src", default=None, help="run the worker from this source tree (e.g. an older commit's)")
 
 
 def run(args: argparse.Namespace) -> int:
     feeds = [int(f) for f in args.feeds.split(",") if f.strip()]
     rates = [int(r) for r in args.rates.split(",") if r.strip()]
-    cpus = os.sched_getaffinity(0)
-    load_cpus = (cpus - {args.cpu}) or cpus
-    os.sched_setaffinity(0, load_cpus)
+    os.sched_setaffinity(0, {args.cpu if args.load_cpu is None else args.load_cpu})
     rows: list[dict[str, Any]] = []
     with terminate_on_sigterm(), tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         server = EmbeddedRedis(Path(tmp) / "redis", appendonly=args.aof)
@@ -102,7 +110,7 @@ def _backlog(args: argparse.Namespace, server: EmbeddedRedis, client: redis.Redi
     for lo in range(0, args.posts, 1000):
         _write_posts(client, args, feeds, range(lo, min(args.posts, lo + 1000)))
     ingest_ns = (cpu_ns(redis_pid) - before) / args.posts
-    last = client.xrevrange(keys.ingest_stream(), count=1)[0][0]
+    last = _last_id(client)
     with _worker(args, server, tmp) as worker:
         t0, w0, r0 = time.monotonic(), cpu_ns(worker.pid), cpu_ns(redis_pid)
         _wait_drained(client, last, worker, timeout=60 + args.posts / 200)
@@ -116,25 +124,20 @@ def _steady(
 ) -> dict[str, Any]:
     client.flushall()
     redis_pid = _pid(server)
-    # The Redis cost of the ingest XADDs alone, to take out of the steady figure.
+    # The Redis cost of the ingest XADDs alone, written the same way with no
+    # worker reading, to take out of the steady figure.
+    alone = min(rate * 2, int(rate * args.seconds))
     before = cpu_ns(redis_pid)
-    _write_posts(client, args, feeds, range(2000))
-    ingest_ns = (cpu_ns(redis_pid) - before) / 2000
+    _write_at_rate(client, args, feeds, rate, alone)
+    ingest_ns = (cpu_ns(redis_pid) - before) / alone
     client.flushall()
     with _worker(args, server, tmp) as worker:
         _wait_group(client)
         time.sleep(0.3)  # the worker is idle on its blocked read
         t0, w0, r0 = time.monotonic(), cpu_ns(worker.pid), cpu_ns(redis_pid)
-        start = time.monotonic()
-        sent = 0
         total = int(rate * args.seconds)
-        while sent < total:
-            due = min(total, int((time.monotonic() - start) * rate) + 1)
-            if due > sent:
-                _write_posts(client, args, feeds, range(sent, due))
-                sent = due
-            time.sleep(0.001)
-        last = client.xrevrange(keys.ingest_stream(), count=1)[0][0]
+        _write_at_rate(client, args, feeds, rate, total)
+        last = _last_id(client)
         _wait_drained(client, last, worker, timeout=60)
         t1, w1, r1 = time.monotonic(), cpu_ns(worker.pid), cpu_ns(redis_pid)
     latency = _latency(client, feeds, args.events)
@@ -182,14 +185,30 @@ def _write_posts(client: redis.Redis, args: argparse.Namespace, feeds: int, seqs
         pipe.execute()
 
 
+def _write_at_rate(client: redis.Redis, args: argparse.Namespace, feeds: int, rate: int, total: int) -> None:
+    """Open loop: every millisecond, the posts due by then."""
+    start = time.monotonic()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.monotonic() - start) * rate) + 1)
+        if due > sent:
+            _write_posts(client, args, feeds, range(sent, due))
+            sent = due
+        time.sleep(0.001)
+
+
 @contextlib.contextmanager
 def _worker(args: argparse.Namespace, server: EmbeddedRedis, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMD_")}
+    cwd = REPO_ROOT
+    if args.worker_src:
+        cwd = Path(args.worker_src).resolve()
+        env["PYTHONPATH"] = str(cwd)
     if args.batch:
         env["STREAMD_FANOUT_BATCH"] = str(args.batch)
     argv = ["taskset", "-c", str(args.cpu), sys.executable, "-m", "streamd", "fanout", "--redis-url", server.url]
     log = open(tmp / "worker.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, cwd=cwd, env=env)
     spy: subprocess.Popen[bytes] | None = None
     try:
         assert proc.stdout is not None
@@ -212,6 +231,12 @@ def _worker(args: argparse.Namespace, server: EmbeddedRedis, tmp: Path) -> Itera
         if spy is not None:
             spy.wait(30)
         log.close()
+
+
+def _last_id(client: redis.Redis) -> bytes:
+    newest: Any = client.xrevrange(keys.ingest_stream(), count=1)
+    entry_id: bytes = newest[0][0]
+    return entry_id
 
 
 def _wait_group(client: redis.Redis, timeout: float = 10.0) -> None:

@@ -6,7 +6,9 @@ feed is written. History append and live publish are one Lua script call
 carrying a whole batch: every post of the batch for every feed of one slot
 (all feeds, on a single server), so a batch costs two round trips: the
 writes, and one that acknowledges the previous batch and reads the next.
-The script skips a post already in a feed, so an entry redelivered after a
+On a single server both go over the worker's own auto-pipelined connection
+(`autopipe.py`): redis-py's own cost per round trip was most of the
+worker's CPU when batches are small. The script skips a post already in a feed, so an entry redelivered after a
 crash never puts a post into a feed twice. Entries left pending by a dead
 worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
 
@@ -31,13 +33,13 @@ from typing import Any
 
 import orjson
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from streamd import keys
+from streamd.autopipe import AutoPipeline
 from streamd.feeds import expand
 from streamd.metrics import Metrics
 from streamd.posts import build_post, post_id_for
-from streamd.resp import Command, RespConnection
 from streamd.settings import Settings
 from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
 
@@ -48,10 +50,14 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 LOST_STREAM = ("UNBLOCKED", "NOGROUP")
 # (feed, post) items per feed_append call: bounds how long one call holds Redis.
 MAX_CALL_ITEMS = 256
-# Under steady traffic (a batch less than BUSY_GAP_S after the one before) the
-# worker waits LINGER_S before its next read, so that each round trip carries
-# a few posts instead of one; light traffic is read the moment it arrives.
-LINGER_S = 0.002
+# Under steady traffic (a batch less than BUSY_GAP_S after the one before)
+# the worker waits before its next read, long enough for about LINGER_POSTS
+# posts at the rate it sees and never more than LINGER_S, so that a round
+# trip carries several posts instead of one: at a thousand posts a second
+# that halves the worker's CPU per post. Light traffic is read the moment
+# it arrives; heavy traffic fills batches without waiting.
+LINGER_S = 0.003
+LINGER_POSTS = 8
 BUSY_GAP_S = 0.005
 
 
@@ -82,9 +88,10 @@ class FanoutWorker:
         self._cluster = is_cluster(client)
         self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret; no syscall each
         self._acks: list[bytes] = []  # written, to acknowledge with the next read
-        # While `run` works: a bare connection for the reads and writes of the
-        # batches (a single server; None under Cluster or TLS: redis-py).
-        self._link: RespConnection | None = None
+        # While `run` works: a connection of its own (a blocked read must hold
+        # up nothing else) for the reads and writes of the batches, on a single
+        # server; None under Cluster or TLS: redis-py.
+        self._link: AutoPipeline | None = None
 
     async def ensure_group(self) -> None:
         try:
@@ -101,12 +108,12 @@ class FanoutWorker:
         author (one shard) are fanned out one batch after the other, in order;
         other workers wait as standbys and take the lease when it expires.
         """
-        self._link = RespConnection.for_client(self._redis)
+        self._link = None if self._cluster else AutoPipeline.for_client(self._redis)  # type: ignore[arg-type]
         try:
             await self._work(stop)
         finally:
             if self._link is not None:
-                self._link.close()
+                await self._link.aclose()
                 self._link = None
         await self._leave_group()
 
@@ -143,10 +150,11 @@ class FanoutWorker:
                         next_claim = now + self._settings.claim_every_seconds
                     # The previous batch is acknowledged by this read's round trip.
                     count = await self._read_and_write(block_ms)
-                    if 0 < count < self._settings.fanout_batch:
+                    if count:
                         done_at = time.monotonic()
-                        if done_at - last_batch < BUSY_GAP_S:
-                            await asyncio.sleep(LINGER_S)
+                        gap = done_at - last_batch
+                        if count < LINGER_POSTS and gap < BUSY_GAP_S:
+                            await asyncio.sleep(min(LINGER_S, LINGER_POSTS * gap / count))
                         last_batch = done_at
                     backoff = 0.1
                 await self._ack()
@@ -183,11 +191,11 @@ class FanoutWorker:
         acks, self._acks = self._acks, []
         batch = self._settings.fanout_batch
         if self._link is not None:
-            read: Command = ("XREADGROUP", "GROUP", keys.FANOUT_GROUP, self.consumer, "COUNT", batch)
+            read: tuple[Any, ...] = ("XREADGROUP", "GROUP", keys.FANOUT_GROUP, self.consumer, "COUNT", batch)
             if block_ms is not None:
                 read = (*read, "BLOCK", block_ms)
             read = (*read, "STREAMS", self._stream, ">")
-            replies = await self._link.execute([("XACK", self._stream, keys.FANOUT_GROUP, *acks), read] if acks else [read])
+            replies = await _execute(self._link, [("XACK", self._stream, keys.FANOUT_GROUP, *acks), read] if acks else [read])
             for r in replies:
                 if isinstance(r, Exception):
                     raise r
@@ -213,9 +221,7 @@ class FanoutWorker:
         if not acks:
             return
         if self._link is not None:
-            (reply,) = await self._link.execute([("XACK", self._stream, keys.FANOUT_GROUP, *acks)])
-            if isinstance(reply, Exception):
-                raise reply
+            await self._link.execute("XACK", self._stream, keys.FANOUT_GROUP, *acks)
         else:
             await self._redis.xack(self._stream, keys.FANOUT_GROUP, *acks)
 
@@ -288,19 +294,19 @@ class FanoutWorker:
         if self._link is not None:
             commands = _Commands()
             await build(commands)
-            results = await self._link.execute(commands)
+            results = await _execute(self._link, commands)
             if any(isinstance(r, NoScriptError) for r in results):
                 # The server lost its scripts (restarted): load them, run again;
                 # each script skips what is done already.
                 await self._scripts.load(self._redis)
-                results = await self._link.execute(commands)
+                results = await _execute(self._link, commands)
         else:
             results = await self._scripts.run(self._redis, build)
         wait.check(results[len(results) - len(wait) :] if len(wait) else [])
         written: list[list[bytes]] = [[] for _ in kept]
         refused: dict[int, str] = {}
         for call, reply in zip(calls, results, strict=False):
-            if isinstance(reply, (*TRANSIENT_ERRORS, NoScriptError)):
+            if isinstance(reply, TRANSIENT_ERRORS) or isinstance(reply, NoScriptError):  # noqa: SIM101
                 raise reply  # nothing of this batch is acked: it is all retried
             if isinstance(reply, Exception):
                 for owner in call.owners:
@@ -494,8 +500,21 @@ class Plan:
         self.calls.append(Call(self._append, keys_, args, owners))
 
 
-class _Commands(list[Command]):
-    """Commands queued the way a pipeline queues them, for a `RespConnection`."""
+async def _execute(link: AutoPipeline, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """`commands` in one write (one event-loop turn); their replies in order,
+    an error reply as its exception, like `pipeline.execute(raise_on_error=False)`."""
+    futures = [link.execute(*command) for command in commands]
+    replies: list[Any] = []
+    for future in futures:
+        try:
+            replies.append(await future)
+        except RedisError as err:
+            replies.append(err)
+    return replies
+
+
+class _Commands(list[tuple[Any, ...]]):
+    """Commands queued the way a pipeline queues them, for `_execute`."""
 
     def execute_command(self, *args: Any, **options: Any) -> None:
         self.append(args)

@@ -1,6 +1,6 @@
 """The fan-out worker's batches against a real Redis: many posts of one feed in
 one script call, deletes in the same batch, re-delivery, trimming, the run
-loop over its bare connection; and the batch plan as a pure function."""
+loop over its own connection; and the batch plan as a pure function."""
 
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 
 from streamd import keys
 from streamd.fanout import MAX_CALL_ITEMS, FanoutWorker, Plan
-from streamd.resp import RespConnection, pack
 from streamd.settings import Settings
-from streamd.store import Scripts
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -60,7 +56,7 @@ async def live(redis_url: str) -> AsyncIterator[Any]:
                     pass
 
         async def take(self, n: int) -> list[tuple[str, str, dict[str, Any]]]:
-            out = []
+            out: list[tuple[str, str, dict[str, Any]]] = []
             while len(out) < n:
                 message = await pubsub.get_message(timeout=10)
                 assert message is not None, f"only {len(out)} of {n} live messages came"
@@ -197,8 +193,8 @@ async def test_a_deleted_feed_takes_no_posts_from_a_batch(redis: aioredis.Redis,
 async def test_the_run_loop_fans_out_acks_and_stops_cleanly(
     redis: aioredis.Redis, settings: Settings, live: Any
 ) -> None:
-    """Over the bare connection: batches, acks sent with the next read, a lost
-    script cache reloaded, and every ack flushed when the loop stops."""
+    """Over the worker's own auto-pipelined connection: batches, acks sent with
+    the next read, a lost script cache reloaded, every ack flushed at the stop."""
     worker = FanoutWorker(redis, settings, consumer="looper")
     await live.subscribe("user:hu")
     stop = asyncio.Event()
@@ -214,41 +210,6 @@ async def test_the_run_loop_fans_out_acks_and_stops_cleanly(
     assert (await redis.xpending(keys.ingest_stream(), keys.FANOUT_GROUP))["pending"] == 0
     assert await redis.xinfo_consumers(keys.ingest_stream(), keys.FANOUT_GROUP) == []
     assert worker.processed == 35
-
-
-# -- the bare connection -------------------------------------------------------------
-
-
-def test_pack_writes_resp_arrays_of_bulk_strings() -> None:
-    assert pack([("SET", "k", b"v\r\n"), ("INCRBY", "n", 5)]) == (
-        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nv\r\n\r\n*3\r\n$6\r\nINCRBY\r\n$1\r\nn\r\n$1\r\n5\r\n"
-    )
-    assert pack([("SET", "ü", "é")]) == b"*3\r\n$3\r\nSET\r\n$2\r\n\xc3\xbc\r\n$2\r\n\xc3\xa9\r\n"
-
-
-async def test_bare_connection_returns_errors_in_place(redis: aioredis.Redis) -> None:
-    link = RespConnection.for_client(redis)
-    assert link is not None
-    try:
-        replies = await link.execute([("SET", "k", "v"), ("EVALSHA", "0" * 40, 0), ("INCR", "k"), ("GET", "k")])
-        assert replies[0] == b"OK" and replies[3] == b"v"
-        assert isinstance(replies[1], NoScriptError)
-        assert "not an integer" in str(replies[2])
-    finally:
-        link.close()
-
-
-async def test_bare_connection_reconnects_after_the_server_closes_it(redis: aioredis.Redis) -> None:
-    link = RespConnection.for_client(redis)
-    assert link is not None
-    try:
-        await link.execute([("CLIENT", "SETNAME", "fanout-link")])
-        await redis.client_kill_filter(_type="normal", skipme=True)
-        with pytest.raises(RedisConnectionError):
-            await link.execute([("PING",)])
-        assert await link.execute([("PING",)]) == [b"PONG"]
-    finally:
-        link.close()
 
 
 # -- the plan, pure ------------------------------------------------------------------
@@ -269,8 +230,7 @@ def cluster_slot(feed: str) -> int:
 
 
 def make_plan(slot_of: Any = cluster_slot) -> Plan:
-    scripts: Any = FakeScripts()
-    assert isinstance(scripts, FakeScripts) and not isinstance(scripts, Scripts)
+    scripts: Any = FakeScripts()  # only the shas are read
     return Plan(scripts, 100, "e1", slot_of)
 
 
