@@ -123,7 +123,7 @@ class Auth:
                 self._embed_secret = self._configured_secret.encode()
             else:
                 await self._redis.set(keys.EMBED_SECRET, secrets.token_hex(32), nx=True)
-                self._embed_secret = await self._redis.get(keys.EMBED_SECRET)
+                self._embed_secret = store.as_bytes(await self._redis.get(keys.EMBED_SECRET))
         assert self._embed_secret is not None
         return self._embed_secret
 
@@ -254,12 +254,13 @@ class Auth:
 
     async def revoke_token(self, handle: str, token_id: str) -> None:
         """Delete the token and tell every gateway to close the sockets using it (4001)."""
-        token_digest = await self._redis.hget(keys.user_tokens(handle), token_id)
-        if token_digest is None:
+        reply = await self._redis.hget(keys.user_tokens(handle), token_id)
+        if reply is None:
             raise NotFound("no such token")
-        await self._redis.delete(keys.token(token_digest.decode()))
+        token_digest = store.as_text(reply)
+        await self._redis.delete(keys.token(token_digest))
         await self._redis.hdel(keys.user_tokens(handle), token_id)
-        self._known.pop(token_digest.decode(), None)
+        self._known.pop(token_digest, None)
         await store.publish(self._redis, keys.CONTROL_CHANNEL, orjson.dumps({"revoked": token_id}))
 
     @staticmethod

@@ -103,7 +103,7 @@ class StreamdCluster(RedisCluster):
         # Every node object the client has used, by identity (ClusterNode
         # compares by address): after a failover redis-py drops the object of
         # a node that left the slot table with connections still open, and
-        # `shutdown` closes those too.
+        # `close_all` closes those too.
         self._known: dict[int, ClusterNode] = {}
 
     def track_nodes(self) -> None:
@@ -132,7 +132,9 @@ class StreamdCluster(RedisCluster):
                 _INSIDE.reset(token)
                 self.track_nodes()
 
-    async def shutdown(self) -> None:
+    # Not `shutdown`: that is redis-py's method for the SHUTDOWN command,
+    # which stops the server.
+    async def close_all(self) -> None:
         """Close every connection, for good (at shutdown).
 
         `aclose`, which redis-py also calls by itself to re-initialise after a
@@ -146,7 +148,10 @@ class StreamdCluster(RedisCluster):
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
-        return GatedPipeline(self, transaction)
+        # redis-py's command mixins declare `_event_dispatcher` in a Protocol,
+        # which mypy takes for an abstract attribute; its own
+        # `RedisCluster.pipeline` makes a ClusterPipeline the same way.
+        return GatedPipeline(self, transaction)  # type: ignore[abstract]
 
 
 class GatedPipeline(ClusterPipeline):

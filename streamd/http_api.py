@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from streamd import keys
+from streamd import keys, store
 from streamd.errors import BadRequest, Forbidden, NotFound
 from streamd.feeds import parse_feed
 from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response, read_object, token_of
@@ -80,7 +80,7 @@ async def get_post(request: web.Request) -> web.Response:
     if author is None or deleted:
         raise NotFound(f"no post {post_id!r}")
     # Every post is in its author's feed, which is public.
-    return json_response({"post": build_post(post_id, author.decode(), body)})
+    return json_response({"post": build_post(post_id, store.as_text(author), store.as_bytes(body))})
 
 
 @routes.delete("/v1/posts/{post_id}")

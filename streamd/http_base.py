@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from streamd.auth import Auth, bearer
@@ -13,9 +12,10 @@ from streamd.errors import BadRequest
 from streamd.hub import Hub
 from streamd.lists import Lists
 from streamd.settings import Settings
-from streamd.store import Scripts
+from streamd.store import AnyRedis, Scripts
 
-REDIS = web.AppKey("redis", aioredis.Redis)
+# A union is no class to pass as AppKey's second argument: it goes in the subscript.
+REDIS = web.AppKey[AnyRedis]("redis")
 SETTINGS = web.AppKey("settings", Settings)
 AUTH = web.AppKey("auth", Auth)
 SCRIPTS = web.AppKey("scripts", Scripts)

@@ -38,7 +38,7 @@ async def feed_items(request: web.Request) -> web.Response:
     items: list[bytes] = []
     oldest_seen: str | None = None
     for _ in range(MAX_SCAN_ROUNDS):
-        entries = await client.xrevrange(stream, max=upper, min="-", count=limit)
+        entries = store.as_entries(await client.xrevrange(stream, max=upper, min="-", count=limit))
         for entry in entries:
             oldest_seen = entry[0].decode()
             if entry[1].get(b"t") == b"post":

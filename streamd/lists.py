@@ -100,7 +100,7 @@ class Lists:
         return record
 
     async def view(self, record: dict[str, Any]) -> dict[str, Any]:
-        members = sorted(m.decode() for m in await self._redis.smembers(keys.list_members(record["id"])))
+        members = sorted(store.as_texts(await self._redis.smembers(keys.list_members(record["id"]))))
         return {**record, "members": members}
 
     async def create(self, owner: str, body: Any) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class Lists:
             raise Conflict(f"a list may have at most {self._settings.max_list_members} members")
 
     async def owned_by(self, handle: str, who: Principal | None) -> list[dict[str, Any]]:
-        ids = [i.decode() for i in await self._redis.zrange(keys.lists_owned(handle), 0, -1)]
+        ids = store.as_texts(await self._redis.zrange(keys.lists_owned(handle), 0, -1))
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:

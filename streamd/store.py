@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -34,14 +34,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamd import cluster
 from streamd.settings import Settings
 
-AnyRedis: TypeAlias = "aioredis.Redis | RedisCluster"
-AnyPipeline: TypeAlias = "Pipeline | ClusterPipeline"
+AnyRedis: TypeAlias = aioredis.Redis | RedisCluster
+AnyPipeline: TypeAlias = Pipeline | ClusterPipeline
 
 # Errors that say "Redis is not answering right now", not "this request is
 # wrong": the answer is 503 and the work is retried. Under Cluster a failover
 # or a slot migration adds its own (CLUSTERDOWN, TRYAGAIN, a MOVED or ASK past
 # the client's retries, READONLY from a demoted master, no reachable node).
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+# Final and not annotated: mypy then keeps the tuple's exact members, and
+# `except (*TRANSIENT_ERRORS, OtherError)` type-checks; from a
+# `tuple[type[Exception], ...]` it would infer a tuple of plain `type`.
+TRANSIENT_ERRORS: Final = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
@@ -51,6 +54,46 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ReadOnlyError,
     RedisClusterException,
 )
+
+
+# Every client here is made without `decode_responses`, so a bulk string
+# reply is bytes; redis-py types replies for either setting (`bytes | str`).
+# These narrow a reply to what this client gets, and fail loudly if a client
+# ever decodes. Error messages name the type only: a reply may be a secret.
+
+StreamEntry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+"""One entry of XRANGE or XREVRANGE: its id and its fields."""
+
+
+def as_bytes(reply: object) -> bytes:
+    """A bulk string reply that cannot be nil."""
+    if isinstance(reply, bytes):
+        return reply
+    raise TypeError(f"expected a bulk string reply (bytes), got {type(reply).__name__}")
+
+
+def as_text(reply: object) -> str:
+    """A bulk string reply holding UTF-8 text: an id, a handle, a digest."""
+    return as_bytes(reply).decode()
+
+
+def as_texts(replies: Iterable[object]) -> list[str]:
+    """The members of a set or sorted set, the items of a list, as text."""
+    return [as_text(reply) for reply in replies]
+
+
+def as_entries(reply: object) -> list[StreamEntry]:
+    """The reply of XRANGE or XREVRANGE."""
+    if not isinstance(reply, list):
+        raise TypeError(f"expected a list of stream entries, got {type(reply).__name__}")
+    for entry in reply:
+        # The shape only, not every field: the fields are bytes for the same
+        # reason as the id, and this runs on every page of a feed.
+        if not (
+            isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], bytes) and isinstance(entry[1], dict)
+        ):
+            raise TypeError(f"expected a stream entry (id, fields), got {type(entry).__name__}")
+    return cast("list[StreamEntry]", reply)
 
 
 def urls_of(setting: str) -> list[str]:
@@ -88,7 +131,7 @@ async def open_client(url: str, settings: Settings) -> AnyRedis:
 async def close(client: AnyRedis) -> None:
     """Close the client and all its connections (at shutdown)."""
     if isinstance(client, cluster.StreamdCluster):
-        await client.shutdown()
+        await client.close_all()
     else:
         await client.aclose()
 
@@ -162,7 +205,7 @@ class Wait:
         self,
         count: int,
         timeout_ms: int,
-        nodes: list[ClusterNode | None],
+        nodes: Sequence[ClusterNode | None],
         owners: dict[str, str],
         client: RedisCluster | None = None,
     ) -> None:

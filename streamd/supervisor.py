@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("streamd.supervisor")
 
@@ -140,7 +141,8 @@ class Supervisor:
         waits = [asyncio.ensure_future(w.ready_event.wait()) for w in self.workers]
         failed = asyncio.ensure_future(self._failed.wait())
         try:
-            done, _ = await asyncio.wait([asyncio.gather(*waits), failed], timeout=timeout, return_when="FIRST_COMPLETED")
+            contenders: list[asyncio.Future[Any]] = [asyncio.gather(*waits), failed]
+            done, _ = await asyncio.wait(contenders, timeout=timeout, return_when="FIRST_COMPLETED")
         finally:
             failed.cancel()
             for w in waits:
