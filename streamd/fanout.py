@@ -50,14 +50,14 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 LOST_STREAM = ("UNBLOCKED", "NOGROUP")
 # (feed, post) items per feed_append call: bounds how long one call holds Redis.
 MAX_CALL_ITEMS = 256
-# Under steady traffic (a batch less than BUSY_GAP_S after the one before)
+# Under steady traffic (batches arriving faster than one post per BUSY_GAP_S)
 # the worker waits before its next read, long enough for about LINGER_POSTS
 # posts at the rate it sees and never more than LINGER_S, so that a round
 # trip carries several posts instead of one: at a thousand posts a second
-# that halves the worker's CPU per post. Light traffic is read the moment
-# it arrives; heavy traffic fills batches without waiting.
-LINGER_S = 0.003
-LINGER_POSTS = 8
+# that more than halves the worker's CPU per post. Light traffic is read the
+# moment it arrives; heavy traffic fills batches without waiting.
+LINGER_S = 0.004
+LINGER_POSTS = 12
 BUSY_GAP_S = 0.005
 
 
@@ -153,7 +153,7 @@ class FanoutWorker:
                     if count:
                         done_at = time.monotonic()
                         gap = done_at - last_batch
-                        if count < LINGER_POSTS and gap < BUSY_GAP_S:
+                        if count < LINGER_POSTS and gap < count * BUSY_GAP_S:
                             await asyncio.sleep(min(LINGER_S, LINGER_POSTS * gap / count))
                         last_batch = done_at
                     backoff = 0.1
