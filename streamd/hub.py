@@ -29,7 +29,7 @@ from streamd.metrics import Metrics
 from streamd.protocol import heartbeat_frame
 from streamd.settings import Settings
 from streamd.sse import sse_chunk
-from streamd.wsframe import text_frame
+from streamd.wsframe import PING_FRAME, text_frame
 
 if TYPE_CHECKING:
     from streamd.wssocket import WebSocket
@@ -321,6 +321,12 @@ class Hub:
         frame = conn.encode(payload)
         if not frame:
             return  # nothing to say on this kind of connection
+        self._queue(conn, frame)
+
+    def _queue(self, conn: Connection, frame: bytes) -> None:
+        """Queue bytes for the wire as they are; written on the next flush."""
+        if conn.closed:
+            return
         conn.pending.append(frame)
         conn.pending_bytes += len(frame)
         if not conn.dirty:
@@ -493,8 +499,19 @@ class Hub:
                 continue
             ws = conn.ws
             if ws is not None:
-                ws.keepalive(now, ping_every, pong_within)
+                ping = ws.keepalive(now, ping_every, pong_within)
                 if conn.closed:
+                    continue
+                if ping:
+                    if now - conn.last_write >= min(ping_every, ws_quiet):
+                        # Quiet both ways: the heartbeat goes out early, with the ping, in one write.
+                        if payload is None:
+                            payload = heartbeat_frame(int(wall * 1000))
+                        self.send(conn, payload)
+                        self._queue(conn, PING_FRAME)
+                    elif not conn.transport.is_closing():
+                        # Not through `pending`: a ping is no heartbeat (browsers do not see it).
+                        conn.transport.write(PING_FRAME)
                     continue
             elif conn.transport.is_closing():
                 self.remove(conn)  # an SSE reader that went away

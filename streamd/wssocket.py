@@ -237,9 +237,10 @@ class WebSocket(Connection, asyncio.Protocol):
 
     # -- liveness (the hub's timer) -------------------------------------------------
 
-    def keepalive(self, now: float, ping_every: float, pong_within: float) -> None:
-        """Ping after `ping_every` seconds without a word from the client; drop
-        it if nothing came back within `pong_within` of the ping."""
+    def keepalive(self, now: float, ping_every: float, pong_within: float) -> bool:
+        """Whether to ping now: after `ping_every` seconds without a word from
+        the client (the hub writes the ping). A client that says nothing within
+        `pong_within` of a ping is dropped."""
         if self.heard:
             self.heard = False
             self.quiet_since = now
@@ -255,4 +256,5 @@ class WebSocket(Connection, asyncio.Protocol):
                     transport.close()
         elif now - self.quiet_since >= ping_every:
             self.ping_sent = now
-            self.transport.write(wsframe.PING_FRAME)
+            return True
+        return False

@@ -191,3 +191,15 @@ async def test_a_peer_that_answers_pings_is_kept(start_server: Any, settings: An
     ws.send_json(op="ping", ref="still here")
     assert await ws.text() == {"op": "pong", "ref": "still here"}
     writer.close()
+
+
+async def test_a_socket_quiet_both_ways_gets_its_heartbeat_with_the_ping(start_server: Any, settings: Any) -> None:
+    srv = await start_server(settings.replace(ws_ping_seconds=0.2))  # the heartbeat alone would wait 25 s
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(upgrade_request())
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).startswith(b"HTTP/1.1 101")
+    ws = RawWs(reader, writer)
+    opcode, payload = await ws.frame()
+    assert opcode == wsframe.TEXT and orjson.loads(payload)["op"] == "heartbeat"
+    assert (await ws.frame())[0] == wsframe.PING
+    writer.close()
