@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -108,7 +109,8 @@ class FanoutWorker:
         author (one shard) are fanned out one batch after the other, in order;
         other workers wait as standbys and take the lease when it expires.
         """
-        self._link = None if self._cluster else AutoPipeline.for_client(self._redis)  # type: ignore[arg-type]
+        client = self._redis
+        self._link = AutoPipeline.for_client(client) if isinstance(client, aioredis.Redis) else None
         try:
             await self._work(stop)
         finally:
