@@ -381,6 +381,11 @@ class Hub:
         if transport.get_write_buffer_size() > self._limit:
             self.kill(conn, CloseCode.TOO_SLOW)
 
+    @property
+    def buffer_limit(self) -> int:
+        """Bytes a socket may have queued (pending and in its transport)."""
+        return self._limit
+
     def buffered(self, conn: Connection) -> int:
         return conn.pending_bytes + conn.transport.get_write_buffer_size()
 

@@ -134,7 +134,10 @@ class WebSocket(Connection, asyncio.Protocol):
         wsframe.check_frame(frame, self._fragments is not None)
         opcode = frame.opcode
         if opcode == wsframe.PING:
-            self.transport.write(wsframe.control_frame(wsframe.PONG, frame.payload))
+            transport = self.transport
+            transport.write(wsframe.control_frame(wsframe.PONG, frame.payload))
+            if transport.get_write_buffer_size() > self.hub.buffer_limit:
+                self.hub.kill(self, CloseCode.TOO_SLOW)  # pings from a client that does not read its pongs
         elif opcode == wsframe.PONG:
             pass  # `heard` is already set
         elif opcode == wsframe.CLOSE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -203,3 +204,22 @@ async def test_a_socket_quiet_both_ways_gets_its_heartbeat_with_the_ping(start_s
     assert opcode == wsframe.TEXT and orjson.loads(payload)["op"] == "heartbeat"
     assert (await ws.frame())[0] == wsframe.PING
     writer.close()
+
+
+async def test_pings_from_a_client_that_reads_no_pongs_are_bounded(start_server: Any, settings: Any) -> None:
+    # No heartbeat or ping in the test's time: only the pongs can fill the buffer.
+    quiet = settings.replace(heartbeat_seconds=3600, ws_ping_seconds=3600)
+    srv = await start_server(quiet.replace(socket_buffer_bytes=64 * 1024))
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    writer.write(upgrade_request())
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)).startswith(b"HTTP/1.1 101")
+    hub = srv.app[HUB]
+    pings = client_frame(wsframe.PING, b"p" * 125) * 60_000  # 8 MB of pings, as much of pongs owed
+    with contextlib.suppress(ConnectionError):  # the server may hang up under our writes
+        for _ in range(10):  # far more than the kernel's socket buffers take
+            if not hub.connections:
+                break
+            writer.write(pings)
+            await writer.drain()
+    assert not hub.connections and hub.slow_closes == 1, "closed with 4008 once its pongs piled up"
+    writer.transport.abort()
