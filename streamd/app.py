@@ -15,7 +15,7 @@ from streamd import http_api, http_feeds, http_lists, http_web, store
 from streamd.auth import Auth
 from streamd.autopipe import AutoPipeline
 from streamd.errors import StreamdError, Unavailable, from_status
-from streamd.fanout import FanoutWorker
+from streamd.fanout import FanoutWorker, LeaseBook
 from streamd.gateway import make_recheck, websocket_handler
 from streamd.http_base import AUTH, HUB, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
 from streamd.hub import Hub
@@ -120,9 +120,10 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         app[WORKER_STOP] = stop
         # One worker per ingest shard, sharing the consumer group with any
         # other worker process.
+        book = LeaseBook(app[HUB].redis, settings.ingest_shards, max(settings.claim_idle_ms, 100))
         tasks = [
             asyncio.create_task(
-                FanoutWorker(app[HUB].redis, settings, shard=shard, metrics=metrics).run(stop),
+                FanoutWorker(app[HUB].redis, settings, shard=shard, metrics=metrics, book=book).run(stop),
                 name=f"streamd-fanout-{shard}",
             )
             for shard in range(settings.ingest_shards)

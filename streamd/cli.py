@@ -19,7 +19,7 @@ from aiohttp import web
 from streamd import __version__, logs, store, tail
 from streamd.app import make_app
 from streamd.embedded import EmbeddedError, EmbeddedRedis
-from streamd.fanout import FanoutWorker
+from streamd.fanout import FanoutWorker, LeaseBook
 from streamd.settings import Settings
 from streamd.supervisor import READY, SharedPort, Supervisor
 
@@ -222,7 +222,8 @@ async def run_fanout(settings: Settings, listen: Listen = Listen()) -> int:
     stop = _stop_on_signals()
     client = await store.open_client(settings.redis_url, settings)
     try:
-        workers = [FanoutWorker(client, settings, shard=s) for s in range(settings.ingest_shards)]
+        book = LeaseBook(client, settings.ingest_shards, max(settings.claim_idle_ms, 100))
+        workers = [FanoutWorker(client, settings, shard=s, book=book) for s in range(settings.ingest_shards)]
         print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
         await asyncio.gather(*(w.run(stop) for w in workers))
     finally:

@@ -15,13 +15,18 @@ worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
 Any number of workers may run: each shard is read by one of them at a time,
 the holder of the shard's lease (`claim_idle_ms` long, renewed between
 reads), so one author's posts reach the feeds in the order they were
-accepted. Fan-out work spreads over as many workers as there are shards.
+accepted. Fan-out work spreads over as many workers as there are shards:
+the processes register their presence (`LeaseBook`), and one holding more
+than its share of the shards (ceil(shards / processes)) gives leases back
+for the others to take, so a process started later still gets work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import os
 import random
 import secrets
@@ -66,6 +71,72 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+class LeaseBook:
+    """The shard leases one fan-out process holds, and its fair share of them.
+
+    Shared by the process's workers (one per shard). Each process keeps an
+    entry in `keys.FANOUT_PROCESSES` that expires unless refreshed; the
+    number of live entries gives the share, ceil(shards / processes). A
+    worker does not take a free lease while its process holds its share,
+    and gives one back while its process holds more (after acknowledging
+    its batch: the next holder starts by claiming what is pending), so the
+    shards spread over the processes whatever order they started in.
+
+    Balance never outranks availability: a lease only counts as held while
+    its worker renews it, and a lease left free for a whole lease length is
+    taken by any standby, share or not (a worker that hangs must not leave
+    its shard unread); the balance is restored by giving back later.
+    """
+
+    def __init__(self, client: AnyRedis, shards: int, ttl_ms: int, name: str | None = None) -> None:
+        self._redis = client
+        self.shards = shards
+        self.ttl_ms = ttl_ms
+        self.name = name or consumer_name()
+        self.share = shards
+        self._renewed: dict[int, float] = {}  # shard -> when its worker last renewed the lease
+        self._refreshed = 0.0
+
+    @property
+    def held(self) -> set[int]:
+        horizon = time.monotonic() - self.ttl_ms / 1000
+        return {shard for shard, at in self._renewed.items() if at > horizon}
+
+    def renewed(self, shard: int) -> None:
+        self._renewed[shard] = time.monotonic()
+
+    def lost(self, shard: int) -> None:
+        self._renewed.pop(shard, None)
+
+    async def refresh(self) -> None:
+        """Renew this process's presence and recount the processes (at most every ttl/3)."""
+        now = time.monotonic()
+        if now - self._refreshed < self.ttl_ms / 3000:
+            return
+        self._refreshed = now
+        at = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(keys.FANOUT_PROCESSES, {self.name: at + self.ttl_ms})
+            pipe.zremrangebyscore(keys.FANOUT_PROCESSES, "-inf", at)
+            pipe.zcard(keys.FANOUT_PROCESSES)
+            *_, processes = await pipe.execute()
+        self.share = math.ceil(self.shards / max(1, int(processes)))
+
+    def may_take(self, shard: int) -> bool:
+        held = self.held
+        return shard in held or len(held) < self.share
+
+    def should_give_back(self, shard: int) -> bool:
+        # The highest shard goes first, so that one at a time is given back.
+        held = self.held
+        return len(held) > self.share and shard == max(held)
+
+    async def leave(self) -> None:
+        self._refreshed = 0.0
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self._redis.zrem(keys.FANOUT_PROCESSES, self.name)
+
+
 class FanoutWorker:
     def __init__(
         self,
@@ -75,6 +146,7 @@ class FanoutWorker:
         consumer: str | None = None,
         shard: int = 0,
         metrics: Metrics | None = None,
+        book: LeaseBook | None = None,
     ) -> None:
         self._redis = client
         self.metrics = metrics if metrics is not None else Metrics()
@@ -82,6 +154,8 @@ class FanoutWorker:
         self._scripts = Scripts.register(client)
         self.consumer = consumer or consumer_name()
         self._shard = shard
+        # Alone unless the process shares one between its workers.
+        self._book = book if book is not None else LeaseBook(client, 1, max(settings.claim_idle_ms, 100), self.consumer)
         self._stream = keys.ingest_stream(shard)
         self._dead = keys.dead_letter_stream(shard)
         self.processed = 0
@@ -89,6 +163,7 @@ class FanoutWorker:
         self._cluster = is_cluster(client)
         self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret; no syscall each
         self._acks: list[bytes] = []  # written, to acknowledge with the next read
+        self._free_since: float | None = None  # standby: since when the shard's lease is seen free
         # While `run` works: a connection of its own (a blocked read must hold
         # up nothing else) for the reads and writes of the batches, on a single
         # server; None under Cluster or TLS: redis-py.
@@ -133,12 +208,23 @@ class FanoutWorker:
                 while not stop.is_set():
                     now = time.monotonic()
                     if now - renewed > ttl / 3000:
-                        held = await self._lease(ttl)
+                        book = self._book
+                        await book.refresh()
+                        if book.should_give_back(self._shard):
+                            await self._ack()
+                            await self._release()
+                        if book.may_take(self._shard) or await self._free_for(ttl):
+                            held = await self._lease(ttl)
+                        else:
+                            held = 0
                         if held == 0:
+                            book.lost(self._shard)
                             await self._ack()
                             renewed = 0.0
                             await _sleep_unless(stop, block_ms / 1000)
                             continue
+                        book.renewed(self._shard)
+                        self._free_since = None
                         catch_up = catch_up or held == 1
                         renewed = now
                     if catch_up:
@@ -173,6 +259,20 @@ class FanoutWorker:
                 renewed = 0.0
                 await _sleep_unless(stop, backoff)
                 backoff = min(backoff * 2, 5.0) * (0.5 + secrets.randbelow(1000) / 1000)
+
+    async def _release(self) -> None:
+        self._book.lost(self._shard)
+        await self._scripts.fanout_lease(keys=[keys.fanout_lease(self._shard)], args=[self.consumer, 0])
+
+    async def _free_for(self, ttl_ms: int) -> bool:
+        """Whether the shard's lease has been free (no holder) for a whole lease length."""
+        if await self._redis.exists(keys.fanout_lease(self._shard)):
+            self._free_since = None
+            return False
+        now = time.monotonic()
+        if self._free_since is None:
+            self._free_since = now
+        return now - self._free_since >= ttl_ms / 1000
 
     async def _lease(self, ttl_ms: int) -> int:
         """Take or extend this worker's lease on the shard (0: another holds it)."""
@@ -401,7 +501,9 @@ class FanoutWorker:
 
     async def _leave_group(self) -> None:
         try:
-            await self._scripts.fanout_lease(keys=[keys.fanout_lease(self._shard)], args=[self.consumer, 0])
+            await self._release()
+            if not self._book.held:
+                await self._book.leave()
             pending = await self._redis.xpending_range(
                 self._stream, keys.FANOUT_GROUP, min="-", max="+", count=1, consumername=self.consumer
             )

@@ -76,6 +76,11 @@ def fanout_lease(shard: int = 0) -> str:
     return f"{PREFIX}:{{in:{shard}}}:lease"
 
 
+# Sorted set of the fan-out processes alive (score: when each one's presence
+# expires, ms): how many share the ingest shards.
+FANOUT_PROCESSES = f"{PREFIX}:{{ctl}}:fanout-processes"
+
+
 def idempotency(shard: int, author: str, key_digest: str) -> str:
     """Lives beside its ingest shard so the check and the append are one script."""
     return f"{PREFIX}:{{in:{shard}}}:idem:{author}:{key_digest}"

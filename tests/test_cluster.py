@@ -38,7 +38,7 @@ from streamd import keys, store
 from streamd.app import make_app
 from streamd.embedded import find_server_binary
 from streamd.embedded_cluster import EmbeddedCluster, find_cli_binary
-from streamd.fanout import FanoutWorker
+from streamd.fanout import FanoutWorker, LeaseBook
 from streamd.posts import ingest_shard
 from streamd.settings import Settings
 from tests.helpers import ADMIN_TOKEN, Api, WsClient
@@ -141,8 +141,9 @@ class Deployment:
         for _ in range(2):
             client = await store.open_client(self.url, self.settings)
             stop = asyncio.Event()
+            book = LeaseBook(client, SHARDS, self.settings.claim_idle_ms)  # one per worker process
             tasks = [
-                asyncio.create_task(FanoutWorker(client, self.settings, shard=s).run(stop)) for s in range(SHARDS)
+                asyncio.create_task(FanoutWorker(client, self.settings, shard=s, book=book).run(stop)) for s in range(SHARDS)
             ]
             self.workers.append((client, stop, tasks))
 
