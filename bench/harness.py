@@ -222,6 +222,7 @@ class ServerUnderTest:
     workdir: Path
     pinning: Pinning
     env: dict[str, str] = field(default_factory=dict)  # STREAMD_* settings for both servers
+    with_fanout: bool = True  # False: the gateway alone (what ingest measures)
     admin_token: str = field(default_factory=lambda: "bench-" + secrets.token_urlsafe(24))
     redis: EmbeddedRedis | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -238,8 +239,9 @@ class ServerUnderTest:
         stack.callback(self.redis.stop)
         redis_url = self.redis.start()
 
-        self.fanout = self._spawn("fanout", ["fanout", "--redis-url", redis_url], self.env, self.pinning.rest)
-        stack.callback(stop_process, self.fanout)
+        if self.with_fanout:
+            self.fanout = self._spawn("fanout", ["fanout", "--redis-url", redis_url], self.env, self.pinning.rest)
+            stack.callback(stop_process, self.fanout)
         self.gateway = self._spawn(
             "gateway",
             ["gateway", "--host", "127.0.0.1", "--port", "0", "--redis-url", redis_url],
@@ -252,7 +254,8 @@ class ServerUnderTest:
         deadline = time.monotonic() + timeout
         port = self._wait_for("gateway", self.gateway, _LISTENING, deadline)
         self.base_url = f"http://127.0.0.1:{int(port.group(2))}"
-        self._wait_for("fanout", self.fanout, re.compile(rb"fan-out worker"), deadline)
+        if self.fanout is not None:
+            self._wait_for("fanout", self.fanout, re.compile(rb"fan-out worker"), deadline)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], cpus: set[int] | None) -> subprocess.Popen[bytes]:
         # Logs go to files, never to our terminal: at INFO streamd only logs

@@ -32,7 +32,6 @@ import datetime
 import os
 import platform
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,10 +47,8 @@ from bench.harness import (
     BenchError,
     Child,
     Pinning,
-    _child_setup,
-    _clean_env,
+    ServerUnderTest,
     snapshot,
-    stop_process,
     terminate_on_sigterm,
 )
 from bench.stats import cpu_percent, micros_per, summary_ms
@@ -89,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="streamd-ingest-"))
     rows: list[dict[str, Any]] = []
     with terminate_on_sigterm(), contextlib.ExitStack() as stack:
-        server = _Server(workdir, pinning, {**SERVER_ENV, **extra}, with_fanout=args.fanout)
+        server = ServerUnderTest(workdir, pinning, {**SERVER_ENV, **extra}, with_fanout=args.fanout)
         server.start(stack)
         loadgen = Child("loadgen", [sys.executable, "-m", "bench.ingest"], workdir / "loadgen.log", pinning.rest)
         stack.callback(loadgen.stop)
@@ -137,7 +134,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _one_rate(server: _Server, loadgen: Child, tokens: list[str], rate: int, args: argparse.Namespace) -> dict[str, Any]:
+def _one_rate(server: ServerUnderTest, loadgen: Child, tokens: list[str], rate: int, args: argparse.Namespace) -> dict[str, Any]:
     loadgen.send(
         "run",
         url=server.base_url,
@@ -194,84 +191,6 @@ async def _create_users(base_url: str, admin: str, n: int) -> list[str]:
                     raise BenchError(f"creating a user: {resp.status} {await resp.text()}")
                 tokens.append((await resp.json())["token"])
     return tokens
-
-
-class _Server:
-    """A private Redis and one `streamd gateway` (and a fan-out worker if asked)."""
-
-    def __init__(self, workdir: Path, pinning: Pinning, env: dict[str, str], *, with_fanout: bool) -> None:
-        self.workdir = workdir
-        self.pinning = pinning
-        self.env = env
-        self.with_fanout = with_fanout
-        self.admin_token = "bench-" + secrets.token_urlsafe(24)
-        self.redis: Any = None
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.fanout: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    def start(self, stack: contextlib.ExitStack, timeout: float = 20.0) -> None:
-        from streamd.embedded import EmbeddedRedis
-
-        if self.pinning.rest is not None:
-            os.sched_setaffinity(0, self.pinning.rest)  # Redis and the load generator inherit it
-        self.redis = EmbeddedRedis(self.workdir / "redis", appendonly=False)
-        stack.callback(self.redis.stop)
-        redis_url = self.redis.start()
-        if self.with_fanout:
-            self.fanout = self._spawn("fanout", ["fanout", "--redis-url", redis_url], self.env, self.pinning.rest)
-            stack.callback(stop_process, self.fanout)
-        self.gateway = self._spawn(
-            "gateway",
-            ["gateway", "--host", "127.0.0.1", "--port", "0", "--redis-url", redis_url],
-            {**self.env, "STREAMD_ADMIN_TOKEN": self.admin_token},
-            self.pinning.gateway,
-        )
-        stack.callback(stop_process, self.gateway)
-        deadline = time.monotonic() + timeout
-        path = self.workdir / "gateway.out"
-        while True:
-            text = path.read_text(errors="replace")
-            if "listening on http://" in text:
-                self.base_url = text.split("listening on ", 1)[1].split()[0]
-                return
-            if self.gateway.poll() is not None or time.monotonic() > deadline:
-                tail = (self.workdir / "gateway.log").read_text(errors="replace")[-2000:]
-                raise BenchError(f"the gateway did not start:\n{tail}")
-            time.sleep(0.05)
-
-    def _spawn(self, name: str, args: list[str], env: dict[str, str], cpus: set[int] | None) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.out", "wb") as out, open(self.workdir / f"{name}.log", "wb") as err:
-            return subprocess.Popen(
-                [sys.executable, "-m", "streamd", *args],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=self.workdir,
-                env=_clean_env(env),
-                preexec_fn=_child_setup(cpus),
-            )
-
-    def pids(self) -> dict[str, int]:
-        out = {name: p.pid for name, p in (("gateway", self.gateway), ("fanout", self.fanout)) if p is not None}
-        if self.redis is not None and self.redis.proc is not None:
-            out["redis"] = self.redis.proc.pid
-        return out
-
-    def check_alive(self) -> None:
-        for name, proc in (("gateway", self.gateway), ("fanout", self.fanout)):
-            if proc is not None and proc.poll() is not None:
-                raise BenchError(f"{name} exited with status {proc.returncode}; see {self.workdir / (name + '.log')}")
-
-    def log_issues(self, limit: int = 20) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {}
-        for name in ("gateway", "fanout"):
-            path = self.workdir / f"{name}.log"
-            if path.exists():
-                bad = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip() and " INFO " not in ln]
-                if bad:
-                    out[name] = bad[:limit]
-        return out
 
 
 # -- the load generator (a child process speaking JSON lines) --------------------------

@@ -340,24 +340,9 @@ class Hub:
     def _flush(self) -> None:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
-        now = self._loop.time()
-        limit = self._limit
-        for conn in dirty:  # write_now, inlined: once per socket and loop turn
+        for conn in dirty:
             conn.dirty = False
-            pending = conn.pending
-            if conn.closed or not pending:
-                continue
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
-            conn.pending_bytes = 0
-            transport = conn.transport
-            if transport.is_closing():
-                self.kill(conn, CloseCode.GOING_AWAY)
-                continue
-            transport.write(data)
-            conn.last_write = now
-            if transport.get_write_buffer_size() > limit:
-                self.kill(conn, CloseCode.TOO_SLOW)
+            self.write_now(conn)
         if self._posted:
             posted, self._posted = self._posted, []
             wall_ms = time.time() * 1000
