@@ -9,7 +9,6 @@ the socket through the hub.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -185,14 +184,7 @@ class Session:
 
     async def _drain(self) -> None:
         """Between replay pages: write what is queued and wait for the socket to take it."""
-        hub, conn = self.hub, self.conn
-        hub.write_now(conn)
-        deadline = asyncio.get_running_loop().time() + REPLAY_DRAIN_SECONDS
-        while not conn.closed and hub.buffered(conn) > self.settings.socket_buffer_bytes // 2:
-            if asyncio.get_running_loop().time() > deadline:
-                hub.kill(conn, CloseCode.TOO_SLOW)
-                break
-            await asyncio.sleep(0.005)
+        await self.hub.drain([self.conn], REPLAY_DRAIN_SECONDS)
 
 
 def client_ip(request: web.Request, settings: Settings) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
 import orjson
@@ -29,6 +29,7 @@ from streamd.metrics import Metrics
 from streamd.protocol import heartbeat_frame
 from streamd.settings import Settings
 from streamd.sse import sse_chunk
+from streamd.store import TRANSIENT_ERRORS
 from streamd.wsframe import PING_FRAME, text_frame
 
 if TYPE_CHECKING:
@@ -40,6 +41,10 @@ log = logging.getLogger("streamd.hub")
 Encoder = Callable[[bytes], bytes]
 
 _POST_ID = b'"post":{"id":"'
+# How long a resubscribed feed's refill waits for a reader to take a page of
+# history before closing it 4008: the feed's live items are held meanwhile.
+RESYNC_DRAIN_SECONDS = 5.0
+RESYNC_ATTEMPTS = 5
 
 
 def _created_at(payload: bytes) -> int | None:
@@ -374,6 +379,23 @@ class Hub:
     def buffered(self, conn: Connection) -> int:
         return conn.pending_bytes + conn.transport.get_write_buffer_size()
 
+    async def drain(self, conns: Collection[Connection], seconds: float) -> None:
+        """Between pages of history: write what is queued, then wait until each
+        socket has taken it down to half its bound. A page is small; a backlog
+        of many is paced this way instead of overflowing the bound (4008) of
+        readers that do keep up. One still over half after `seconds` is
+        closed 4008 (it resumes with its cursor)."""
+        for conn in conns:
+            self.write_now(conn)
+        half = self._limit // 2
+        deadline = self._loop.time() + seconds
+        while slow := [c for c in conns if not c.closed and self.buffered(c) > half]:
+            if self._loop.time() > deadline:
+                for conn in slow:
+                    self.kill(conn, CloseCode.TOO_SLOW)
+                return
+            await asyncio.sleep(0.005)  # the transports signal no drain to the hub; poll them
+
     def sample(self) -> None:
         """Set the gauges of what the hub holds now; run at scrape time, off the delivery path."""
         m = self.metrics
@@ -530,21 +552,17 @@ class Hub:
     async def _resync(self, st: FeedState) -> None:
         assert st.resync is not None
         try:
-            snap = await history.snapshot(self.redis, st.feed, 1)
-            while True:
-                st.again = False
-                after = st.resync.last
-                while True:
-                    entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
-                    for entry in entries:
-                        entry_id = cursors.parse_entry_id(entry[0])
-                        if st.resync.replayed(entry_id):
-                            self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
-                        after = entry_id
-                    if len(entries) < self._settings.replay_page:
-                        break
-                if not st.again:
+            for attempt in range(RESYNC_ATTEMPTS):
+                try:
+                    await self._refill(st)
                     break
+                except TRANSIENT_ERRORS:
+                    # A pooled connection that died with the old Redis fails
+                    # its first command: try again on a fresh one. What was
+                    # delivered is not read twice (the handoff's `last`).
+                    if attempt == RESYNC_ATTEMPTS - 1:
+                        raise
+                    await asyncio.sleep(0.05 * 2**attempt)
         except Exception:
             log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)
             for conn in [*st.live, *st.sse]:
@@ -557,3 +575,23 @@ class Hub:
                         handoff.last = held_id
                         self._deliver(st, held_id, payload)
                 st.last = max(st.last, handoff.last)
+
+    async def _refill(self, st: FeedState) -> None:
+        """Deliver the feed's history after the handoff's `last`, page by page, paced."""
+        assert st.resync is not None
+        snap = await history.snapshot(self.redis, st.feed, 1)
+        while True:
+            st.again = False
+            after = st.resync.last
+            while True:
+                entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
+                for entry in entries:
+                    entry_id = cursors.parse_entry_id(entry[0])
+                    if st.resync.replayed(entry_id):
+                        self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
+                    after = entry_id
+                if len(entries) < self._settings.replay_page:
+                    break
+                await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
+            if not st.again:
+                break
