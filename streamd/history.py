@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from streamd import cursors, keys
 from streamd.cursors import EntryId
 from streamd.protocol import delete_frame, post_frame
+from streamd.store import AnyRedis, StreamEntry, as_entries
 
-RawEntry = tuple[bytes, dict[bytes, bytes]]
+RawEntry = StreamEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +30,7 @@ class Snapshot:
         return cursors.encode(self.epoch, self.newest[0][0].decode())
 
 
-async def snapshot(client: aioredis.Redis, feed: str, newest: int) -> Snapshot:
+async def snapshot(client: AnyRedis, feed: str, newest: int) -> Snapshot:
     """Meta and the newest `newest` (>= 1) entries, read atomically (one slot, MULTI)."""
     async with client.pipeline(transaction=True) as pipe:
         pipe.hmget(keys.feed_meta(feed), "epoch", "trimmed")
@@ -44,11 +43,8 @@ async def snapshot(client: aioredis.Redis, feed: str, newest: int) -> Snapshot:
     )
 
 
-async def read_after(client: aioredis.Redis, feed: str, after: EntryId, count: int) -> list[RawEntry]:
-    entries: list[RawEntry] = await client.xrange(
-        keys.feed_stream(feed), min=f"({after[0]}-{after[1]}", max="+", count=count
-    )
-    return entries
+async def read_after(client: AnyRedis, feed: str, after: EntryId, count: int) -> list[RawEntry]:
+    return as_entries(await client.xrange(keys.feed_stream(feed), min=f"({after[0]}-{after[1]}", max="+", count=count))
 
 
 def item_frame(feed: str, epoch: str | None, entry: RawEntry) -> bytes:

@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
 import orjson
-import redis.asyncio as aioredis
 
 from streamd import cursors, history, keys
 from streamd.auth import Principal
@@ -29,7 +28,7 @@ from streamd.metrics import Metrics
 from streamd.protocol import heartbeat_frame
 from streamd.settings import Settings
 from streamd.sse import sse_chunk
-from streamd.store import TRANSIENT_ERRORS
+from streamd.store import TRANSIENT_ERRORS, AnyRedis
 from streamd.wsframe import PING_FRAME, text_frame
 
 if TYPE_CHECKING:
@@ -112,7 +111,7 @@ class FeedState:
 
 
 class Hub:
-    def __init__(self, client: aioredis.Redis, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, client: AnyRedis, settings: Settings, metrics: Metrics | None = None) -> None:
         self.redis = client
         self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings

@@ -310,6 +310,7 @@ class LiveChannels:
         conn = link.conn
         if conn is None:
             return
+        commands: list[tuple[bytes, ...]]
         if self.sharded:
             # Every channel of one SSUBSCRIBE must hash to one slot: one command each.
             commands = [(verb, channel) for channel in channels]
