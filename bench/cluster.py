@@ -48,6 +48,7 @@ import orjson
 from bench import compare, engines
 from bench.compare import Ctx, Shape
 from bench.harness import REPO_ROOT, BenchError, Child, Pinning, terminate_on_sigterm
+from bench.report import fmt
 from bench.loadgen import feed_name
 from streamd import keys
 from streamd.embedded import free_port
@@ -331,16 +332,6 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _f(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
-
-
 def table(results: dict[str, Any]) -> str:
     """The steps as a Markdown table, and what Redis and the gateways held."""
     head = (
@@ -358,10 +349,10 @@ def table(results: dict[str, Any]) -> str:
         busy = "/".join(f"{cores.get(c, 0) + irq.get(c, 0):.0f}" for c in ("cpu0", "cpu1"))
         other = "/".join(f"{v:.0f}" for v in s["cpu_pct"]["other"].values())
         rows.append(
-            f"| {_f(s['target_deliveries_per_s'])} | {_f(s['achieved_deliveries_per_s'], 0)} | {_f(lat['p50'], 2)} "
-            f"| {_f(lat['p99'], 2)} | {_f(lat['p99.9'], 2)} | {_f(lat['max'], 1)} | {s['lost']} | {s['dup']} "
-            f"| {_f(s['sut_us_per_delivery'], 1)} | {_f(s['sut_cpu_pct'], 0)} | {_f(fanout, 0)} | {_f(redis, 0)} "
-            f"| {_f(per_post.get('ingest'), 0)} | {busy} | {other} |"
+            f"| {fmt(s['target_deliveries_per_s'])} | {fmt(s['achieved_deliveries_per_s'], 0)} | {fmt(lat['p50'], 2)} "
+            f"| {fmt(lat['p99'], 2)} | {fmt(lat['p99.9'], 2)} | {fmt(lat['max'], 1)} | {s['lost']} | {s['dup']} "
+            f"| {fmt(s['sut_us_per_delivery'], 1)} | {fmt(s['sut_cpu_pct'], 0)} | {fmt(fanout, 0)} | {fmt(redis, 0)} "
+            f"| {fmt(per_post.get('ingest'), 0)} | {busy} | {other} |"
         )
     lines = ["\n".join(rows), ""]
     procs = [(n, v) for n, v in results["steps"][-1]["cpu_pct"]["procs"].items()]

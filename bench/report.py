@@ -64,7 +64,8 @@ def load(paths: list[Path]) -> tuple[dict[tuple[str, str], dict[str, Any]], list
     return runs, files
 
 
-def _c(v: Any, digits: int = 1) -> str:
+def fmt(v: Any, digits: int = 1) -> str:
+    """A figure for a table: thousands separated, `-` for none."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -108,14 +109,14 @@ def rate_table(runs: dict[tuple[str, str], dict[str, Any]], scenario: str) -> li
             busy = "/".join(f"{cores.get(c, 0) + irq.get(c, 0):.0f}" for c in ("cpu0", "cpu1"))
             rss = sum(s.get("rss_mb", {}).values())
             lines.append(
-                f"| {engine if k == 0 else ''} | {_c(r.get('sustained_deliveries_per_s'), 0) if k == 0 else ''} "
-                f"| {_c(s['target_deliveries_per_s'])} | {_c(s['achieved_deliveries_per_s'], 0)} "
-                f"| {_c(lat['p50'], 2)} | {_c(lat['p99'], 2)} | {_c(lat['p99.9'], 2)} | {_c(lat['max'], 1)} "
-                f"| {_c(s['lost'])} | {_c(s['dup'])} | {_c(s['sut_us_per_delivery'], 1)} | {_c(s['sut_cpu_pct'], 0)} "
-                f"| {_c(rss, 0)} | {_c(s['loadgen_cpu_pct'], 0)} | {busy} | {_flags(s)} |"
+                f"| {engine if k == 0 else ''} | {fmt(r.get('sustained_deliveries_per_s'), 0) if k == 0 else ''} "
+                f"| {fmt(s['target_deliveries_per_s'])} | {fmt(s['achieved_deliveries_per_s'], 0)} "
+                f"| {fmt(lat['p50'], 2)} | {fmt(lat['p99'], 2)} | {fmt(lat['p99.9'], 2)} | {fmt(lat['max'], 1)} "
+                f"| {fmt(s['lost'])} | {fmt(s['dup'])} | {fmt(s['sut_us_per_delivery'], 1)} | {fmt(s['sut_cpu_pct'], 0)} "
+                f"| {fmt(rss, 0)} | {fmt(s['loadgen_cpu_pct'], 0)} | {busy} | {_flags(s)} |"
             )
         if r.get("skipped_rates"):
-            skipped = ", ".join(_c(x) for x in r["skipped_rates"])
+            skipped = ", ".join(fmt(x) for x in r["skipped_rates"])
             lines.append(f"| | | {skipped} | not run: the previous rate overloaded {engine} |" + " |" * 12)
     return lines
 
@@ -131,8 +132,8 @@ def summary_table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         if "error" in r or not r.get("steps"):
             return ["error"] + [""] * (n - 1)
         first = r["steps"][0]
-        cells = [_c(r.get("sustained_deliveries_per_s"), 0), _c(first["sut_us_per_delivery"], 1)]
-        return cells + ([_c(first["latency_ms"]["p99"], 0)] if p99 else [])
+        cells = [fmt(r.get("sustained_deliveries_per_s"), 0), fmt(first["sut_us_per_delivery"], 1)]
+        return cells + ([fmt(first["latency_ms"]["p99"], 0)] if p99 else [])
 
     lines = [
         "| engine | a: sustained/s | a: SUT us/dlv | b: sustained/s | b: SUT us/dlv | b: p99 ms "
@@ -146,12 +147,12 @@ def summary_table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         d = runs.get(("d", engine))
         if d and "error" not in d and d["points"]:
             last = d["points"][-1]
-            cells += [_c(last["rss_kb_per_connection"]), _c(last["idle_cpu_pct"], 2)]
+            cells += [fmt(last["rss_kb_per_connection"]), fmt(last["idle_cpu_pct"], 2)]
         else:
             cells += ["", ""]
         e = runs.get(("e", engine))
         if e and "error" not in e:
-            cells += [_c(e["steps"][0].get("storm", {}).get("all_live_ms"), 0), _c(e["steps"][0]["lost"])]
+            cells += [fmt(e["steps"][0].get("storm", {}).get("all_live_ms"), 0), fmt(e["steps"][0]["lost"])]
         else:
             cells += ["", ""]
         lines.append(f"| {engine} | " + " | ".join(cells) + " |")
@@ -173,9 +174,9 @@ def idle_table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             continue
         for k, p in enumerate(r["points"]):
             lines.append(
-                f"| {engine if k == 0 else ''} | {_c(r['base_rss_mb']) if k == 0 else ''} | {_c(p['connections'])} "
-                f"| {_c(p['rss_mb'])} | {_c(p['rss_kb_per_connection'])} | {_c(p.get('marginal_kb_per_connection'))} "
-                f"| {_c(p['idle_cpu_pct'], 2)} | {_c(p['connect_s'], 2)} |"
+                f"| {engine if k == 0 else ''} | {fmt(r['base_rss_mb']) if k == 0 else ''} | {fmt(p['connections'])} "
+                f"| {fmt(p['rss_mb'])} | {fmt(p['rss_kb_per_connection'])} | {fmt(p.get('marginal_kb_per_connection'))} "
+                f"| {fmt(p['idle_cpu_pct'], 2)} | {fmt(p['connect_s'], 2)} |"
             )
     return lines
 
@@ -197,9 +198,9 @@ def storm_table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         st = s.get("storm", {})
         live = st.get("live_ms") or {}
         lines.append(
-            f"| {engine} | {_c(r['subscribers'])} | {_c(st.get('all_live_ms'), 0)} | {_c(live.get('p50'), 0)} "
-            f"| {_c(st.get('retries'))} | {_c(s['posts_per_s'], 0)} | {_c(s['lost'])} | {_c(s['dup'])} "
-            f"| {_c(s['latency_ms']['p99'], 1)} | {_flags(s)} |"
+            f"| {engine} | {fmt(r['subscribers'])} | {fmt(st.get('all_live_ms'), 0)} | {fmt(live.get('p50'), 0)} "
+            f"| {fmt(st.get('retries'))} | {fmt(s['posts_per_s'], 0)} | {fmt(s['lost'])} | {fmt(s['dup'])} "
+            f"| {fmt(s['latency_ms']['p99'], 1)} | {_flags(s)} |"
         )
     return lines
 
