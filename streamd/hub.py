@@ -125,6 +125,7 @@ class Hub:
         self._tasks: set[asyncio.Future[None]] = set()  # background work
         self._closing: dict[Connection, asyncio.Future[None]] = {}  # sockets being closed
         self.live = LiveChannels(client, self._on_message, self._resync_all, self.metrics)
+        self._refilling = asyncio.Lock()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._control = keys.CONTROL_CHANNEL.encode()
         # Set by the gateway: re-checks who may still read a feed whose access
@@ -551,17 +552,21 @@ class Hub:
     async def _resync(self, st: FeedState) -> None:
         assert st.resync is not None
         try:
-            for attempt in range(RESYNC_ATTEMPTS):
-                try:
-                    await self._refill(st)
-                    break
-                except TRANSIENT_ERRORS:
-                    # A pooled connection that died with the old Redis fails
-                    # its first command: try again on a fresh one. What was
-                    # delivered is not read twice (the handoff's `last`).
-                    if attempt == RESYNC_ATTEMPTS - 1:
-                        raise
-                    await asyncio.sleep(0.05 * 2**attempt)
+            # One feed at a time: the refills of the feeds one reader follows
+            # all go to its one socket, and each paces only what it queues.
+            async with self._refilling:
+                for attempt in range(RESYNC_ATTEMPTS):
+                    try:
+                        await self._refill(st)
+                        break
+                    except TRANSIENT_ERRORS:
+                        # A pooled connection that died with the old Redis fails
+                        # its first command: try again on a fresh one. What was
+                        # delivered is not read twice (the handoff's `last`).
+                        if attempt == RESYNC_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.05 * 2**attempt)
+                await self._release_held(st)
         except Exception:
             log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)
             for conn in [*st.live, *st.sse]:
@@ -575,10 +580,32 @@ class Hub:
                         self._deliver(st, held_id, payload)
                 st.last = max(st.last, handoff.last)
 
+    async def _release_held(self, st: FeedState) -> None:
+        """The live items held during the refill, paced like it; the ones that
+        arrive meanwhile are held too and go out in this same loop."""
+        handoff = st.resync
+        assert handoff is not None
+        queued, i = 0, 0
+        while i < len(handoff.held):
+            held_id, payload = handoff.held[i]
+            i += 1
+            if held_id > handoff.last:
+                handoff.last = held_id
+                self._deliver(st, held_id, payload)
+                queued += len(payload)
+                if queued >= self._limit // 4:
+                    await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
+                    queued = 0
+        handoff.held.clear()  # no await since the last look: nothing new is left behind
+
     async def _refill(self, st: FeedState) -> None:
         """Deliver the feed's history after the handoff's `last`, page by page, paced."""
         assert st.resync is not None
         snap = await history.snapshot(self.redis, st.feed, 1)
+        # Readers are drained each time a quarter of their bound has been
+        # queued, so a backlog of any size, in pages of any size, stays under it.
+        step = self._limit // 4
+        queued = 0
         while True:
             st.again = False
             after = st.resync.last
@@ -587,10 +614,14 @@ class Hub:
                 for entry in entries:
                     entry_id = cursors.parse_entry_id(entry[0])
                     if st.resync.replayed(entry_id):
-                        self._deliver(st, entry_id, history.item_frame(st.feed, snap.epoch, entry))
+                        payload = history.item_frame(st.feed, snap.epoch, entry)
+                        self._deliver(st, entry_id, payload)
+                        queued += len(payload)
+                        if queued >= step:
+                            await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
+                            queued = 0
                     after = entry_id
                 if len(entries) < self._settings.replay_page:
                     break
-                await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
             if not st.again:
                 break
