@@ -31,6 +31,8 @@ from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
+from streamd.cluster import URL_DEFAULT_PORT
+
 DEFAULT_MAX_PENDING = 65536
 CONNECT_TIMEOUT_S = 5.0
 
@@ -57,13 +59,15 @@ class AutoPipeline:
         self,
         *,
         host: str = "127.0.0.1",
-        port: int = 6379,
+        port: int | None = None,
         path: str | None = None,
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
+        if (port is None) == (path is None):
+            raise ValueError("an auto-pipeline connects to a TCP port or a Unix socket path: give one")
         self._host, self._port, self._path = host, port, path
         self._hello: list[tuple[Any, ...]] = []
         if password:
@@ -91,7 +95,7 @@ class AutoPipeline:
         if pool.connection_class is aioredis.Connection:
             return cls(
                 host=kwargs.get("host", "127.0.0.1"),
-                port=int(kwargs.get("port", 6379)),
+                port=int(kwargs.get("port") or URL_DEFAULT_PORT),
                 db=int(kwargs.get("db", 0) or 0),
                 username=kwargs.get("username"),
                 password=kwargs.get("password"),
@@ -162,6 +166,7 @@ class AutoPipeline:
                 if self._path is not None:
                     transport, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._path)
                 else:
+                    assert self._port is not None  # checked in __init__: a port, or a path
                     transport, protocol = await loop.create_connection(lambda: _Protocol(self), self._host, self._port)
         except (OSError, TimeoutError) as exc:
             self._connecting = None

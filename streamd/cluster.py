@@ -15,8 +15,10 @@ connection to each master that owns a subscribed channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,9 +64,13 @@ async def detect(urls: list[str], timeout: float = 2.0) -> bool:
     return False
 
 
+# The port of a Redis URL that names none (the redis:// scheme's default).
+URL_DEFAULT_PORT = 6379
+
+
 def _redact(url: str) -> str:
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}"
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or URL_DEFAULT_PORT}"
 
 
 def connect(urls: list[str], settings: Settings) -> StreamdCluster:
@@ -75,11 +81,11 @@ def connect(urls: list[str], settings: Settings) -> StreamdCluster:
     kwargs.pop("db", None)  # a cluster has only database 0
     if kwargs.pop("connection_class", None) is not None:  # rediss://
         kwargs["ssl"] = True
-    host, port = kwargs.pop("host", "127.0.0.1"), int(kwargs.pop("port", 6379))
+    host, port = kwargs.pop("host", "127.0.0.1"), int(kwargs.pop("port", URL_DEFAULT_PORT))
     seeds = [ClusterNode(host, port)]
     for url in urls[1:]:
         extra = parse_url(url)
-        seeds.append(ClusterNode(extra.get("host", "127.0.0.1"), int(extra.get("port", 6379))))
+        seeds.append(ClusterNode(extra.get("host", "127.0.0.1"), int(extra.get("port", URL_DEFAULT_PORT))))
     return StreamdCluster(
         startup_nodes=seeds,
         in_flight=settings.redis_pool_size,
@@ -114,6 +120,14 @@ class StreamdCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if _INSIDE.get():
             return await super().execute_command(*args, **kwargs)
+        async with self.gated():
+            return await super().execute_command(*args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def gated(self) -> AsyncIterator[None]:
+        """Around one command or pipeline: the client initialised, a slot of
+        the in-flight gate, and a connection redis-py closed under us reported
+        as the lost connection it is."""
         if self._initialize:
             # Before RedisCluster.execute_command looks at its slot table and
             # command table: under a burst of first commands some would find
@@ -123,7 +137,7 @@ class StreamdCluster(RedisCluster):
         async with self.gate:
             token = _INSIDE.set(True)
             try:
-                return await super().execute_command(*args, **kwargs)
+                yield
             except AttributeError as err:
                 if (lost := _closed_under_us(err)) is None:
                     raise
@@ -159,22 +173,12 @@ class GatedPipeline(ClusterPipeline):
         client = self.cluster_client
         assert isinstance(client, StreamdCluster)
         if _INSIDE.get():
-            return [_lost_result(r) for r in await super().execute(raise_on_error, allow_redirections)]
-        if client._initialize:
-            await client.initialize()
-        async with client.gate:
-            token = _INSIDE.set(True)
-            try:
+            results = await super().execute(raise_on_error, allow_redirections)
+        else:
+            async with client.gated():
                 results = await super().execute(raise_on_error, allow_redirections)
-                # raise_on_error=False: a command's error is its result.
-                return [_lost_result(r) for r in results]
-            except AttributeError as err:
-                if (lost := _closed_under_us(err)) is None:
-                    raise
-                raise lost from err
-            finally:
-                _INSIDE.reset(token)
-                client.track_nodes()
+        # raise_on_error=False: a command's error is its result.
+        return [_lost_result(r) for r in results]
 
 
 def _closed_under_us(err: AttributeError) -> RedisConnectionError | None:
