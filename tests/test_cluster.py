@@ -112,16 +112,9 @@ async def cluster_client(cluster: EmbeddedCluster) -> AsyncIterator[RedisCluster
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return Settings(
-        admin_token=ADMIN_TOKEN,
-        claim_idle_ms=200,
-        claim_every_seconds=0.2,
-        connections_per_second=1000.0,
-        connections_burst=1000,
-        ingest_shards=SHARDS,
-        wait_replicas=1,
-    )
+def settings(settings: Settings) -> Settings:
+    """The suite's settings (conftest.py), with ingest shards and posts waiting for a replica."""
+    return settings.replace(ingest_shards=SHARDS, wait_replicas=1)
 
 
 class Deployment:
