@@ -225,11 +225,7 @@ def _start_psio(
     stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int, publisher_log: Path
 ) -> Running:
     argv = [str(PEERS_PYTHON), "-m", "bench.peers.psio_server", "--redis-url", url, "--port", str(port)]
-    server = _spawn(stack, workdir, "server", argv, _peers_env(url), pinning.gateway)
-    _wait_port(server, "psio server", port, workdir / "server.log")
-    pub = _publisher(stack, "publisher", [str(PEERS_PYTHON), "-m", "bench.publish", "psio", "--redis-url", url],
-                     publisher_log, pinning)
-    return Running("psio", port, {"server": server}, publisher=pub)
+    return _start_python_peer("psio", argv, stack, workdir, pinning, url, port, publisher_log)
 
 
 def _start_channels(
@@ -241,11 +237,25 @@ def _start_channels(
         "--ws", "websockets", "--no-access-log", "--log-level", "warning", "--lifespan", "off",
         "--backlog", "4096",
     ]  # fmt: skip
+    return _start_python_peer("channels", argv, stack, workdir, pinning, url, port, publisher_log)
+
+
+def _start_python_peer(
+    engine: str,
+    argv: list[str],
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    pinning: Pinning,
+    url: str,
+    port: int,
+    publisher_log: Path,
+) -> Running:
+    """A Python peer's server on the SUT's core, and its publisher (`bench.publish <engine>`) from the peers' venv."""
     server = _spawn(stack, workdir, "server", argv, _peers_env(url), pinning.gateway)
-    _wait_port(server, "channels server", port, workdir / "server.log")
-    pub = _publisher(stack, "publisher", [str(PEERS_PYTHON), "-m", "bench.publish", "channels", "--redis-url", url],
+    _wait_port(server, f"{engine} server", port, workdir / "server.log")
+    pub = _publisher(stack, "publisher", [str(PEERS_PYTHON), "-m", "bench.publish", engine, "--redis-url", url],
                      publisher_log, pinning)
-    return Running("channels", port, {"server": server}, publisher=pub)
+    return Running(engine, port, {"server": server}, publisher=pub)
 
 
 def _start_node(
