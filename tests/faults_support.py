@@ -533,6 +533,24 @@ class Changes:
 Item = tuple[str, str]  # (cursor, post id); a delete item is ("cursor", "delete:<post id>")
 
 
+async def until_ready(task: asyncio.Task[None], ready: asyncio.Event, what: Callable[[], str]) -> None:
+    """Wait up to 30 s for `ready`; a task that ends first raises its own error."""
+    waiter = asyncio.ensure_future(ready.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:
+        waiter.cancel()
+        if task in done:
+            task.result()
+        raise AssertionError(f"within 30 s: {what()}")
+
+
+async def cancel_quietly(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
 class Subscriber:
     """Subscribes to `feeds` on `url()` and resumes by cursor whenever the socket ends.
 
@@ -579,20 +597,11 @@ class Subscriber:
 
     async def __aenter__(self) -> Subscriber:
         self._task = asyncio.create_task(self._run(), name=f"subscriber-{self.name}")
-        waiter = asyncio.ensure_future(self.ready.wait())
-        done, _ = await asyncio.wait({waiter, self._task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:
-            waiter.cancel()
-            if self._task in done:
-                self._task.result()
-            raise AssertionError(f"subscriber {self.name} was not subscribed within 30 s: {self.errors}")
+        await until_ready(self._task, self.ready, lambda: f"subscriber {self.name} was not subscribed: {self.errors}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_quietly(self._task)
         if self.ws is not None:
             self.ws.abort()
 
@@ -706,10 +715,7 @@ class SseSubscriber:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_quietly(self._task)
 
     async def _run(self) -> None:
         delay = 0.02
@@ -976,18 +982,11 @@ class StreamClientTally:
     async def __aenter__(self) -> StreamClientTally:
         await self.client.__aenter__()
         self._task = asyncio.create_task(self._consume(), name=f"streamclient-{self.name}")
-        waiter = asyncio.ensure_future(self.ready.wait())
-        done, _ = await asyncio.wait({waiter, self._task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:
-            waiter.cancel()
-            raise AssertionError(f"StreamClient {self.name} not subscribed within 30 s: {self.failure!r}")
+        await until_ready(self._task, self.ready, lambda: f"StreamClient {self.name} not subscribed: {self.failure!r}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+        await cancel_quietly(self._task)
         await self.client.aclose()
 
     async def _consume(self) -> None:
@@ -1044,6 +1043,20 @@ async def wait_fanned_out(redis: aioredis.Redis, expected: dict[str, list[str]],
         return await pending_total(redis) == 0
 
     await poll(done, timeout, "the fan-out of every accepted post", every=0.1)
+
+
+async def settle(
+    redis: aioredis.Redis, changes: Changes, expected: dict[str, list[str]], feeds: Iterable[str],
+    readers: Iterable[dict[str, list[Item]]],
+) -> dict[str, list[Item]]:  # fmt: skip
+    """Once every expected post is in its feeds: the feeds' histories, after
+    giving every reader up to 30 s to catch up with them (without failing:
+    the tallies say what is missing)."""
+    await wait_fanned_out(redis, expected, 60)
+    histories = {f: await history(redis, f) for f in feeds}
+    readers = list(readers)
+    await changes.until(lambda: all(caught_up(r, histories) for r in readers), 30, "every item", check=False)
+    return histories
 
 
 def caught_up(got: dict[str, list[Item]], histories: dict[str, list[Item]]) -> bool:

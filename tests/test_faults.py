@@ -42,6 +42,7 @@ from tests.faults_support import (
     Worker,
     WsClosed,
     caught_up,
+    settle,
     established,
     history,
     host_port,
@@ -186,12 +187,7 @@ async def test_fanout_workers_sigkilled_while_posts_flow(tmp_path: Any) -> None:
                     await asyncio.gather(post_round(size), fault(round_no, round_no * size, size))
                 total = 7 * size
                 expected = poster.expected(lists)
-                await wait_fanned_out(c.redis, expected, 60)
-                histories = {f: await history(c.redis, f) for f in feeds}
-                await changes.until(
-                    lambda: caught_up(raw.items, histories) and caught_up(client.items, histories), 30, "every item",
-                    check=False,
-                )  # the tallies below say what is missing
+                histories = await settle(c.redis, changes, expected, feeds, (raw.items, client.items))
         finally:
             for task in watchers:
                 task.cancel()
@@ -287,11 +283,7 @@ async def test_gateway_sigkilled_subscribers_resume_on_another(tmp_path: Any) ->
         ):
             await asyncio.gather(killer(a, b, sc), *(one(sem) for _ in range(total)))
             expected = poster.expected(lists)
-            await wait_fanned_out(c.redis, expected, 60)
-            histories = {f: await history(c.redis, f) for f in feeds}
-            await changes.until(
-                lambda: all(caught_up(s.items, histories) for s in (a, b, sc)), 30, "every item", check=False
-            )  # the tallies below say what is missing
+            histories = await settle(c.redis, changes, expected, feeds, (a.items, b.items, sc.items))
         feed_numbers, feed_problems = tally_feeds(expected, histories)
         tallies = {name: tally_reader(name, items, histories) for name, items in
                    (("a", a.items), ("b", b.items), ("client", sc.items))}  # fmt: skip
@@ -413,12 +405,7 @@ async def test_redis_killed_and_restarted_under_load(tmp_path: Any) -> None:
             finally:
                 await load.finish()
             expected = poster.expected(lists)
-            await wait_fanned_out(c.redis, expected, 60)
-            histories = {f: await history(c.redis, f) for f in feeds}
-            await changes.until(
-                lambda: caught_up(raw.items, histories) and caught_up(sc.items, histories), 30, "every item",
-                check=False,
-            )  # the tallies below say what is missing
+            histories = await settle(c.redis, changes, expected, feeds, (raw.items, sc.items))
         feed_numbers, feed_problems = tally_feeds(expected, histories)
         raw_numbers, raw_problems = tally_reader("raw", raw.items, histories)
         client_numbers, client_problems = tally_reader("client", sc.items, histories)
@@ -489,12 +476,7 @@ async def test_redis_restart_sockets_that_stay_connected_miss_nothing(tmp_path: 
             finally:
                 await load.finish()
             expected = poster.expected(lists)
-            await wait_fanned_out(c.redis, expected, 60)
-            histories = {f: await history(c.redis, f) for f in feeds}
-            await changes.until(
-                lambda: caught_up(stayed.items, histories) and caught_up(sc.items, histories), 30, "every item",
-                check=False,
-            )  # the tallies below say what is missing
+            histories = await settle(c.redis, changes, expected, feeds, (stayed.items, sc.items))
         feed_numbers, feed_problems = tally_feeds(expected, histories)
         stayed_numbers, stayed_problems = tally_reader("stayed", stayed.items, histories)
         client_numbers, client_problems = tally_reader("client", sc.items, histories)
