@@ -8,6 +8,7 @@ as opaque. `0.0-0` is the head of a feed that has no history yet.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from streamd.errors import BadRequest
@@ -103,11 +104,15 @@ class Handoff:
 
     def release(self) -> list[bytes]:
         """The held live messages that come after the replay, in order."""
-        out = []
+        return [payload for _, payload in self.take_held()]
+
+    def take_held(self) -> Iterator[tuple[EntryId, bytes]]:
+        """The held live items that come after the replay, in order, then none
+        held. Items held while the caller is between two of them come too (the
+        list is read as it grows), so a caller may await in its loop."""
         for entry, payload in self.held:
             if entry > self.last:
                 self.last = entry
-                out.append(payload)
+                yield entry, payload
         self.held.clear()
         self.held_bytes = 0
-        return out

@@ -574,37 +574,32 @@ class Hub:
         finally:
             handoff, st.resync = st.resync, None
             if handoff is not None:
-                for held_id, payload in handoff.held:
-                    if held_id > handoff.last:
-                        handoff.last = held_id
-                        self._deliver(st, held_id, payload)
+                for held_id, payload in handoff.take_held():  # none left when _release_held ran
+                    self._deliver(st, held_id, payload)
                 st.last = max(st.last, handoff.last)
 
     async def _release_held(self, st: FeedState) -> None:
         """The live items held during the refill, paced like it; the ones that
         arrive meanwhile are held too and go out in this same loop."""
-        handoff = st.resync
-        assert handoff is not None
-        queued, i = 0, 0
-        while i < len(handoff.held):
-            held_id, payload = handoff.held[i]
-            i += 1
-            if held_id > handoff.last:
-                handoff.last = held_id
-                self._deliver(st, held_id, payload)
-                queued += len(payload)
-                if queued >= self._limit // 4:
-                    await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
-                    queued = 0
-        handoff.held.clear()  # no await since the last look: nothing new is left behind
+        assert st.resync is not None
+        queued = 0
+        for held_id, payload in st.resync.take_held():
+            self._deliver(st, held_id, payload)
+            queued = await self._pace(st, queued + len(payload))
+
+    async def _pace(self, st: FeedState, queued: int) -> int:
+        """Bytes queued to the feed's readers since they were last drained, after
+        draining them once that reaches a quarter of their bound: a backlog of
+        any size, in pages of any size, stays under the bound."""
+        if queued < self._limit // 4:
+            return queued
+        await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
+        return 0
 
     async def _refill(self, st: FeedState) -> None:
         """Deliver the feed's history after the handoff's `last`, page by page, paced."""
         assert st.resync is not None
         snap = await history.snapshot(self.redis, st.feed, 1)
-        # Readers are drained each time a quarter of their bound has been
-        # queued, so a backlog of any size, in pages of any size, stays under it.
-        step = self._limit // 4
         queued = 0
         while True:
             st.again = False
@@ -616,10 +611,7 @@ class Hub:
                     if st.resync.replayed(entry_id):
                         payload = history.item_frame(st.feed, snap.epoch, entry)
                         self._deliver(st, entry_id, payload)
-                        queued += len(payload)
-                        if queued >= step:
-                            await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
-                            queued = 0
+                        queued = await self._pace(st, queued + len(payload))
                     after = entry_id
                 if len(entries) < self._settings.replay_page:
                     break
