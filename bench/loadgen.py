@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import logging
 import sys
 import time
@@ -129,6 +130,9 @@ class Poster:
             if answers == count:
                 done.set()
 
+        def load(conn: rawhttp.Connection) -> float:
+            return len(conn.inflight) if conn.transport is not None else math.inf
+
         conns = [await rawhttp.connect(self.base, answered, lost) for _ in range(cmd["senders"])]
         try:
             i = 0
@@ -137,14 +141,13 @@ class Poster:
                 while i < count and t0 + i * period <= t:
                     seq = start + i
                     scheduled = t0 + i * period
-                    live = [c for c in conns if c.transport is not None]
-                    if not live:
+                    conn = min(conns, key=load)
+                    if conn.transport is None:  # every connection is gone
                         statuses["no connection"] += count - i
                         failed.extend(range(seq, start + count))
                         answers += count - i
                         i = count
                         break
-                    conn = min(live, key=lambda c: len(c.inflight))
                     body = orjson.dumps({"text": f"{seq} {scheduled}"})
                     sent = now()
                     lag.append(sent - scheduled)
