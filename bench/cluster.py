@@ -287,11 +287,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or REPO_ROOT / "bench" / "results" / f"cluster-{started:%Y%m%d-%H%M%S}.json"
     pinning = Pinning() if args.no_pin else Pinning.two_cores()
     results: dict[str, Any] = {
-        "scenario": "cluster",
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": [os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]],
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        "environment": compare.environment(),
+        **compare.results_header("cluster", args, started),
         "streamd_source": compare.streamd_source(),
     }
     shape = Shape.even(args.subscribers, args.feeds)

@@ -162,14 +162,7 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now(datetime.UTC)
     out = args.out or REPO_ROOT / "bench" / "results" / f"compare-{started:%Y%m%d-%H%M%S}.json"
     pinning = Pinning() if args.no_pin else Pinning.two_cores()
-    results: dict[str, Any] = {
-        "scenario": "compare",
-        "started_at": started.isoformat(timespec="seconds"),
-        "command": [os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]],
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        "environment": environment(),
-        "runs": [],
-    }
+    results: dict[str, Any] = {**results_header("compare", args, started), "runs": []}
     status = 0
     with terminate_on_sigterm():
         for scenario in scenarios:
@@ -597,6 +590,17 @@ def print_summary(results: dict[str, Any]) -> None:
             for s in run["steps"]:
                 print("   ", end="")
                 print_progress(s)
+
+
+def results_header(scenario: str, args: argparse.Namespace, started: datetime.datetime) -> dict[str, Any]:
+    """What every results JSON starts with: the scenario, when, the exact command, its options, the machine."""
+    return {
+        "scenario": scenario,
+        "started_at": started.isoformat(timespec="seconds"),
+        "command": [os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]],
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "environment": environment(),
+    }
 
 
 def environment() -> dict[str, Any]:
