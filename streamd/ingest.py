@@ -38,101 +38,44 @@ from streamd.settings import Settings
 from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts
 
 
-class Ingest:
-    """Accepts posts for one app (`INGEST`)."""
+class Acceptance:
+    """The last step of accepting a post, shared by `POST /v1/posts` (`Ingest`)
+    and the backend `Publisher`: its author known and allowed, its body
+    valid and its lists read, `ingest_post.lua` keeps it."""
 
-    def __init__(
-        self,
-        client: AnyRedis,
-        scripts: Scripts,
-        settings: Settings,
-        auth: Auth,
-        lists: Lists,
-        metrics: Metrics,
-        fast: AutoPipeline | None,
-    ) -> None:
+    def __init__(self, client: AnyRedis, scripts: Scripts, settings: Settings, fast: AutoPipeline | None) -> None:
         self._redis = client
         self._scripts = scripts
         self._settings = settings
-        self._auth = auth
-        self._lists = lists
-        self._accepted = metrics.posts_accepted
         # WAIT counts the writes of its own connection: with wait_replicas the
         # script and its WAIT go down one redis-py pipeline of their own.
-        self._fast = fast if not settings.wait_replicas else None
+        self.fast = fast if not settings.wait_replicas else None
 
-    async def accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
-        """The post accepted for the request, and whether it is new (False: an
-        idempotent repeat). Errors in the order a client sees them: the token
-        (401, 403, 429), then the body (413, 400)."""
-        fast_path = (
-            self._fast is not None
-            and token is not None
-            and token.startswith(USER_TOKEN_PREFIX)
-            and not self._auth.is_admin_token(token)
-        )
-        if fast_path:
-            assert token is not None
-            post, created = await self._accept_auto_pipelined(token, request)
-        else:
-            post, created = await self._accept(token, request)
-        if created:
-            self._accepted.inc()
-        return post, created
-
-    async def _accept_auto_pipelined(self, token: str, request: web.Request) -> tuple[dict[str, Any], bool]:
-        fast = self._fast
-        assert fast is not None
-        auth = self._auth
-        token_digest = auth.digest_of(token)
-        use = auth.use(token_digest, count_post=True)
-        hint = auth.known(token_digest)
-        hinted = hint.handle if hint is not None else None
-        members: Awaitable[Any] | None = self._lists.read_memberships(hinted) if hinted is not None else None
-        try:
-            who = auth.checked_use(token_digest, await use)
-            new = validate_new_post(await read_json(request), self._settings)
-        except BaseException:
-            _forget(members)
-            raise
-        author = who.handle
-        assert author is not None
-        if hinted != author:
-            _forget(members)
-            members = self._lists.read_memberships(author)
-        assert members is not None
-        script = self._scripts.ingest_post
-        script_keys, script_args = self._ingest_arguments(author, new, sorted_members(await members))
-        created, post_id, body_json = await fast.evalsha(script.sha, script.text, script_keys, script_args)
-        post_id = post_id.decode()
-        if created:
-            # The body stored is the one sent: no need to parse it back.
-            return {
-                "id": post_id,
-                "author": author,
-                "text": new.text,
-                "events": new.events,
-                "media": new.media,
-                "created_at": int(post_id.partition("-")[0]),
-            }, True
-        return build_post(post_id, author, body_json), False
-
-    async def _accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
-        """Step by step on the redis-py client (Cluster, wait_replicas, non-user tokens)."""
-        settings = self._settings
-        who = await self._auth.require_user(token, count_post=True)
-        author = who.handle
-        assert author is not None
-        new = validate_new_post(await read_json(request), settings)
-        lists = await self._lists.memberships(author)
-        script_keys, script_args = self._ingest_arguments(author, new, lists)
+    async def store(self, author: str, new: NewPost, lists: list[str]) -> tuple[dict[str, Any], bool]:
+        """The post kept, and whether it is new (False: an idempotent repeat)."""
+        script_keys, script_args = self._arguments(author, new, lists)
         scripts = self._scripts
-        if settings.wait_replicas:
+        fast = self.fast
+        if fast is not None:
+            script = scripts.ingest_post
+            created, post_id, body_json = await fast.evalsha(script.sha, script.text, script_keys, script_args)
+            if created:
+                # The body stored is the one sent: no need to parse it back.
+                post_id = post_id.decode()
+                return {
+                    "id": post_id,
+                    "author": author,
+                    "text": new.text,
+                    "events": new.events,
+                    "media": new.media,
+                    "created_at": int(post_id.partition("-")[0]),
+                }, True
+        elif self._settings.wait_replicas:
             # Accepted means on the replicas too: a failover right after the 201
             # cannot lose the post. Else 503, and a retry with the same
             # idempotency key answers with the post if it was kept after all.
             client = self._redis
-            wait = await Replicas(client, settings).plan([script_keys[0]])
+            wait = await Replicas(client, self._settings).plan([script_keys[0]])
 
             async def build(pipe: AnyPipeline) -> None:
                 await scripts.ingest_post(keys=script_keys, args=script_args, client=pipe)
@@ -147,7 +90,7 @@ class Ingest:
             created, post_id, body_json = await scripts.ingest_post(keys=script_keys, args=script_args)
         return build_post(post_id.decode(), author, body_json), bool(created)
 
-    def _ingest_arguments(self, author: str, new: NewPost, lists: list[str]) -> tuple[list[Any], list[Any]]:
+    def _arguments(self, author: str, new: NewPost, lists: list[str]) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV of ingest_post.lua."""
         settings = self._settings
         shard, stream, record_prefix = _author_keys(author, settings.ingest_shards)
@@ -166,6 +109,76 @@ class Ingest:
         return script_keys, script_args
 
 
+class Ingest:
+    """Accepts posts for one app (`INGEST`)."""
+
+    def __init__(
+        self,
+        client: AnyRedis,
+        scripts: Scripts,
+        settings: Settings,
+        auth: Auth,
+        lists: Lists,
+        metrics: Metrics,
+        fast: AutoPipeline | None,
+    ) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._lists = lists
+        self._accepted = metrics.posts_accepted
+        self._acceptance = Acceptance(client, scripts, settings, fast)
+
+    async def accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
+        """The post accepted for the request, and whether it is new (False: an
+        idempotent repeat). Errors in the order a client sees them: the token
+        (401, 403, 429), then the body (413, 400)."""
+        fast_path = (
+            self._acceptance.fast is not None
+            and token is not None
+            and token.startswith(USER_TOKEN_PREFIX)
+            and not self._auth.is_admin_token(token)
+        )
+        if fast_path:
+            assert token is not None
+            author, new, lists = await self._authorise_auto_pipelined(token, request)
+        else:
+            author, new, lists = await self._authorise(token, request)
+        post, created = await self._acceptance.store(author, new, lists)
+        if created:
+            self._accepted.inc()
+        return post, created
+
+    async def _authorise_auto_pipelined(self, token: str, request: web.Request) -> tuple[str, NewPost, list[str]]:
+        """The token check and the memberships of the author it named last time, in one round trip."""
+        auth = self._auth
+        token_digest = auth.digest_of(token)
+        use = auth.use(token_digest, count_post=True)
+        hint = auth.known(token_digest)
+        hinted = hint.handle if hint is not None else None
+        members: Awaitable[Any] | None = self._lists.read_memberships(hinted) if hinted is not None else None
+        try:
+            who = auth.checked_use(token_digest, await use)
+            new = validate_new_post(await read_json(request), self._settings)
+        except BaseException:
+            forget(members)
+            raise
+        author = who.handle
+        assert author is not None
+        if hinted != author:
+            forget(members)
+            members = self._lists.read_memberships(author)
+        assert members is not None
+        return author, new, sorted_members(await members)
+
+    async def _authorise(self, token: str | None, request: web.Request) -> tuple[str, NewPost, list[str]]:
+        """Step by step on the redis-py client (Cluster, wait_replicas, non-user tokens)."""
+        who = await self._auth.require_user(token, count_post=True)
+        author = who.handle
+        assert author is not None
+        new = validate_new_post(await read_json(request), self._settings)
+        return author, new, await self._lists.memberships(author)
+
+
 @functools.lru_cache(maxsize=4096)
 def _author_keys(author: str, shards: int) -> tuple[int, str, str]:
     """The author's ingest shard, its stream and its post record prefix."""
@@ -173,7 +186,7 @@ def _author_keys(author: str, shards: int) -> tuple[int, str, str]:
     return shard, keys.ingest_stream(shard), keys.post_record(shard, "")
 
 
-def _forget(reply: Awaitable[Any] | None) -> None:
+def forget(reply: Awaitable[Any] | None) -> None:
     """A reply no longer wanted: its error, if any, is not reported as unretrieved."""
     if isinstance(reply, asyncio.Future):
         reply.add_done_callback(_retrieve)

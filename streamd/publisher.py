@@ -1,0 +1,95 @@
+"""Posting from a trusted backend straight through Redis, without HTTP.
+
+    async with Publisher.open("redis://10.0.0.5:6379/0") as publisher:
+        post, created = await publisher.post("racing_desk", {"text": "Off!", "events": ["ascot-r3"]})
+
+A backend that already holds a Redis connection (a race-results importer, a
+CMS) publishes the way python-socketio's write-only manager or socket.io's
+Redis emitter do: no token, no per-minute budget, no HTTP round trip. The rest
+is `POST /v1/posts` exactly: the same body validation (`BadRequest` with the
+same messages), the author's lists read at accept time, and the same
+`ingest_post.lua` (`ingest.Acceptance`), so the post is stored, fanned out,
+deduplicated by its idempotency key and deletable like any other. The author
+must be a user (`NotFound` otherwise).
+
+The settings that shape what is stored (`ingest_shards`, retention,
+idempotency TTL, `wait_replicas`, the post limits) must be those of the
+deployment: `Settings.from_env()` reads the same `STREAMD_*` variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streamd import keys, store
+from streamd.auth import valid_handle
+from streamd.autopipe import AutoPipeline
+from streamd.errors import NotFound
+from streamd.ingest import Acceptance, forget
+from streamd.lists import Lists, sorted_members
+from streamd.posts import validate_new_post
+from streamd.settings import Settings
+from streamd.store import AnyRedis, Scripts
+
+KNOWN_AUTHORS = 65_536  # users are never deleted: an author seen once needs no second look
+
+
+class Publisher:
+    """Accepts posts for authors named by the caller. Safe to share between tasks."""
+
+    def __init__(self, client: AnyRedis, settings: Settings, fast: AutoPipeline | None = None) -> None:
+        scripts = Scripts.register(client)
+        self._redis = client
+        self._settings = settings
+        self._fast = fast
+        self._lists = Lists(client, scripts, settings, fast=fast)
+        self._acceptance = Acceptance(client, scripts, settings, fast)
+        self._known: set[str] = set()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, redis_url: str, settings: Settings | None = None) -> AsyncIterator[Publisher]:
+        """A publisher on its own connections to `redis_url` (one server or a Cluster), closed on exit."""
+        settings = settings if settings is not None else Settings.from_env()
+        client = await store.open_client(redis_url, settings)
+        fast = AutoPipeline.for_client(client) if isinstance(client, aioredis.Redis) else None
+        try:
+            yield cls(client, settings, fast)
+        finally:
+            if fast is not None:
+                await fast.aclose()
+            await store.close(client)
+
+    async def post(self, author: str, body: Any) -> tuple[dict[str, Any], bool]:
+        """The post as `POST /v1/posts` answers it, and whether it is new
+        (False: an idempotent repeat of an earlier post by `author`)."""
+        new = validate_new_post(body, self._settings)
+        if not valid_handle(author):
+            raise NotFound(f"no user {author!r}")
+        fast = self._fast
+        if fast is None:
+            if author not in self._known:
+                await self._check_author(self._redis.exists(keys.user(author)), author)
+            lists = await self._lists.memberships(author)
+        else:
+            # Both reads leave in one write; the lists are only used if the author exists.
+            members = self._lists.read_memberships(author)
+            if author not in self._known:
+                try:
+                    await self._check_author(fast.execute("EXISTS", keys.user(author)), author)
+                except BaseException:
+                    forget(members)
+                    raise
+            lists = sorted_members(await members)
+        return await self._acceptance.store(author, new, lists)
+
+    async def _check_author(self, exists: Awaitable[Any], author: str) -> None:
+        if not await exists:
+            raise NotFound(f"no user {author!r}")
+        if len(self._known) >= KNOWN_AUTHORS:
+            self._known.clear()
+        self._known.add(author)

@@ -1,0 +1,86 @@
+"""The backend publisher: posts straight through Redis, kept and delivered like HTTP posts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from streamd.errors import BadRequest, NotFound
+from streamd.publisher import Publisher
+from streamd.settings import Settings
+from tests.helpers import Api
+from tests.test_lists_e2e import make_list
+
+
+@pytest.fixture(params=["auto-pipelined", "redis-py"])
+async def publisher(request: pytest.FixtureRequest, redis_url: str, settings: Settings) -> Any:
+    async with Publisher.open(redis_url, settings) as pub:
+        if request.param == "redis-py":
+            # The path Cluster and wait_replicas take.
+            pub._fast = None
+            pub._lists._fast = None
+            pub._acceptance.fast = None
+        yield pub
+
+
+async def test_a_published_post_reaches_the_author_list_and_event_feeds_once(
+    api: Api, ws_connect: Any, publisher: Publisher
+) -> None:
+    fan = await api.user("fan")
+    await api.user("jane")
+    lst = await make_list(api, fan)
+    await api.call("PUT", f"/v1/lists/{lst['id']}/members/jane", None, fan)
+    ws = await ws_connect()
+    feeds = {"user:jane", f"list:{lst['id']}", "event:derby-2026"}
+    for feed in sorted(feeds):
+        await ws.subscribe(feed)
+
+    post, created = await publisher.post("jane", {"text": "Gate 4", "events": ["derby-2026"]})
+    assert created and post["author"] == "jane" and post["text"] == "Gate 4" and post["events"] == ["derby-2026"]
+    got = {}
+    for _ in range(3):
+        frame = await ws.recv()
+        assert frame["op"] == "post" and frame["post"] == post, frame
+        got[frame["feed"]] = frame["post"]["id"]
+    assert set(got) == feeds
+
+    # Kept like an HTTP post: in the history, and readable by id.
+    status, body = await api.call("GET", "/v1/feeds/user:jane/items")
+    assert status == 200 and [i["post"]["id"] for i in body["items"]] == [post["id"]]
+    status, body = await api.call("GET", f"/v1/posts/{post['id']}")
+    assert status == 200 and body["post"] == post
+
+
+async def test_an_idempotent_repeat_answers_with_the_first_post_and_is_not_delivered_again(
+    api: Api, ws_connect: Any, publisher: Publisher
+) -> None:
+    await api.user("jane")
+    ws = await ws_connect()
+    await ws.subscribe("user:jane")
+    first, created = await publisher.post("jane", {"text": "Result", "idempotency_key": "r1"})
+    assert created
+    again, created = await publisher.post("jane", {"text": "Result", "idempotency_key": "r1"})
+    assert not created and again == first
+    marker, _ = await publisher.post("jane", {"text": "marker"})
+    frames = await ws.items(2)
+    assert [f["post"]["id"] for f in frames] == [first["id"], marker["id"]]
+
+
+async def test_bad_posts_and_unknown_authors_are_refused_with_the_http_errors(
+    api: Api, publisher: Publisher
+) -> None:
+    await api.user("jane")
+    with pytest.raises(NotFound):
+        await publisher.post("nobody", {"text": "hello"})
+    with pytest.raises(NotFound):
+        await publisher.post("Not A Handle", {"text": "hello"})
+    status, http_body = await api.call("POST", "/v1/posts", {"text": ""}, await api.user("bob"))
+    with pytest.raises(BadRequest) as refused:
+        await publisher.post("jane", {"text": ""})
+    assert status == 400 and refused.value.body() == http_body
+    with pytest.raises(BadRequest):
+        await publisher.post("jane", {"text": "x", "colour": "red"})
+    # Nothing of the refused posts was kept.
+    status, body = await api.call("GET", "/v1/feeds/user:jane/items")
+    assert status == 200 and body["items"] == []
