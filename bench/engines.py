@@ -6,14 +6,16 @@ the load generator. The SUT is what holds the WebSockets:
 
 | engine | SUT (CPU 0) | publisher (CPU 1), reaching the SUT only through Redis |
 | --- | --- | --- |
-| streamd | `streamd gateway` (WebSockets only) | HTTP POST /v1/posts to a second `streamd gateway`, `streamd fanout` |
+| streamd | `streamd gateway` (WebSockets) and `streamd fanout` | `streamd.publisher.Publisher.post` |
+| streamd-http | the same | HTTP POST /v1/posts to a second `streamd gateway` (on CPU 1) |
 | psio | python-socketio AsyncServer on aiohttp, AsyncRedisManager | AsyncRedisManager(write_only=True).emit |
 | channels | Django Channels 4 under uvicorn, channels_redis pub/sub layer | channel_layer.group_send |
 | node | Node socket.io 4, @socket.io/redis-streams-adapter | a second socket.io Server on the same adapter |
 
-streamd's ingest runs on a gateway of its own, so the SUT's CPU counts
-delivering, as for the peers; the ingest gateway and the fan-out worker are
-reported beside it (`support` processes).
+streamd's fan-out worker is part of its SUT: its CPU is charged per delivery
+with the gateway's. Every engine's publisher is its own Redis emitter; streamd
+also runs with HTTP posts (`streamd-http`), whose ingest gateway is reported
+beside the SUT (a `support` process).
 """
 
 from __future__ import annotations
@@ -45,13 +47,12 @@ STREAMD_ENV = {
 }
 
 ENGINES = ("streamd", "psio", "channels", "node")
-# Not run by default: streamd with posts XADDed straight to its ingest stream,
-# to see its gateway past the rate where HTTP ingest saturates CPU 1.
-EXTRA_ENGINES = ("streamd-xadd",)
-DIALECTS = {"streamd": "streamd", "streamd-xadd": "streamd", "psio": "socketio", "channels": "channels", "node": "socketio"}
+# streamd with every post an HTTP POST /v1/posts to an ingest gateway on CPU 1.
+EXTRA_ENGINES = ("streamd-http",)
+DIALECTS = {"streamd": "streamd", "streamd-http": "streamd", "psio": "socketio", "channels": "channels", "node": "socketio"}
 LABELS = {
     "streamd": "streamd",
-    "streamd-xadd": "streamd, posts XADDed to the ingest stream (no HTTP ingest)",
+    "streamd-http": "streamd, posts over HTTP (POST /v1/posts to an ingest gateway)",
     "psio": "python-socketio + AsyncRedisManager",
     "channels": "Django Channels + channels_redis (pub/sub)",
     "node": "Node socket.io + redis-streams-adapter",
@@ -142,7 +143,7 @@ def start(
     port = free_port()
     starters: dict[str, Callable[..., Running]] = {
         "streamd": _start_streamd,
-        "streamd-xadd": _start_streamd_xadd,
+        "streamd-http": _start_streamd_http,
         "psio": _start_psio,
         "channels": _start_channels,
         "node": _start_node,
@@ -158,63 +159,62 @@ def _publisher(stack: contextlib.ExitStack, name: str, argv: list[str], log: Pat
     return child
 
 
-def _start_streamd(
-    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int, publisher_log: Path
-) -> Running:
+def _start_streamd_sut(
+    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int
+) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, str]]:
+    """The SUT: `streamd gateway` (WebSockets) and `streamd fanout`, both on CPU 0."""
     token = "bench-" + os.urandom(12).hex()
     env = {**STREAMD_ENV, "STREAMD_ADMIN_TOKEN": token}
     py = [sys.executable, "-m", "streamd"]
-    fanout = _spawn(stack, workdir, "fanout", [*py, "fanout", "--redis-url", url], env, pinning.rest)
+    gw = _spawn(
+        stack,
+        workdir,
+        "gateway",
+        [*py, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url],
+        env,
+        pinning.gateway,
+    )
+    fanout = _spawn(stack, workdir, "fanout", [*py, "fanout", "--redis-url", url], env, pinning.gateway)
+    _wait_port(gw, "gateway", port, workdir / "gateway.log")
+    return {"gateway": gw, "fanout": fanout}, env
+
+
+def _start_streamd(
+    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int, publisher_log: Path
+) -> Running:
+    sut, env = _start_streamd_sut(stack, workdir, pinning, url, port)
+    pub = _publisher(stack, "publisher", [sys.executable, "-m", "bench.publish", "streamd", "--redis-url", url],
+                     publisher_log, pinning)
+    # The publisher creates its authors over HTTP on the SUT before the run.
+    return Running("streamd", port, sut, publisher=pub, ingest_url=f"http://127.0.0.1:{port}",
+                   admin_token=env["STREAMD_ADMIN_TOKEN"])
+
+
+def _start_streamd_http(
+    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int, publisher_log: Path
+) -> Running:
+    sut, env = _start_streamd_sut(stack, workdir, pinning, url, port)
     ingest_port = free_port()
     ingest = _spawn(
         stack,
         workdir,
         "ingest",
-        [*py, "gateway", "--host", "127.0.0.1", "--port", str(ingest_port), "--redis-url", url],
+        [sys.executable, "-m", "streamd", "gateway", "--host", "127.0.0.1", "--port", str(ingest_port),
+         "--redis-url", url],
         env,
         pinning.rest,
-    )
-    gw = _spawn(
-        stack,
-        workdir,
-        "gateway",
-        [*py, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url],
-        env,
-        pinning.gateway,
-    )
-    _wait_port(gw, "gateway", port, workdir / "gateway.log")
+    )  # fmt: skip
     _wait_port(ingest, "ingest", ingest_port, workdir / "ingest.log")
     pub = _publisher(stack, "poster", [sys.executable, "-m", "bench.loadgen", "poster"], publisher_log, pinning)
     return Running(
-        "streamd",
+        "streamd-http",
         port,
-        {"gateway": gw},
-        {"ingest": ingest, "fanout": fanout},
+        sut,
+        {"ingest": ingest},
         publisher=pub,
         ingest_url=f"http://127.0.0.1:{ingest_port}",
-        admin_token=token,
+        admin_token=env["STREAMD_ADMIN_TOKEN"],
     )
-
-
-def _start_streamd_xadd(
-    stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int, publisher_log: Path
-) -> Running:
-    env = dict(STREAMD_ENV)
-    py = [sys.executable, "-m", "streamd"]
-    fanout = _spawn(stack, workdir, "fanout", [*py, "fanout", "--redis-url", url], env, pinning.rest)
-    gw = _spawn(
-        stack,
-        workdir,
-        "gateway",
-        [*py, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url],
-        env,
-        pinning.gateway,
-    )
-    _wait_port(gw, "gateway", port, workdir / "gateway.log")
-    # user: feeds are public and need no user record: the authors are never created.
-    pub = _publisher(stack, "publisher", [sys.executable, "-m", "bench.publish", "streamd-xadd", "--redis-url", url],
-                     publisher_log, pinning)
-    return Running("streamd-xadd", port, {"gateway": gw}, {"fanout": fanout}, publisher=pub)
 
 
 def _peers_env(url: str) -> dict[str, str]:

@@ -2,9 +2,9 @@
 
     python -m bench.publish psio --redis-url URL       python-socketio AsyncRedisManager(write_only=True)
     python -m bench.publish channels --redis-url URL   channels_redis pub/sub layer, group_send
-    python -m bench.publish streamd-xadd --redis-url URL   streamd's ingest stream directly (project venv)
+    python -m bench.publish streamd --redis-url URL    streamd.publisher.Publisher (the project's venv)
 
-Run from bench/.venv-peers. Driven like `bench.loadgen`'s poster, JSON lines on
+Run from bench/.venv-peers (streamd: the project's venv). Driven like `bench.loadgen`'s poster, JSON lines on
 stdin: `{"cmd": "post", "t0_ns", "period_ns", "seq_start", "count", "feeds",
 "senders"}` posts open-loop, post i scheduled at t0 + i * period, to room
 `user:h<seq % feeds>`. The item is shaped like a streamd frame so that every
@@ -14,6 +14,7 @@ engine's subscribers parse the same thing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -47,7 +48,7 @@ def item(seq: int, feed: int, scheduled: int) -> dict[str, Any]:
     }
 
 
-async def psio_emitter(redis_url: str) -> Emit:
+async def psio_emitter(redis_url: str, stack: contextlib.AsyncExitStack) -> Emit:
     import socketio  # type: ignore[import-not-found, import-untyped, unused-ignore]  # peers venv only
 
     mgr = socketio.AsyncRedisManager(redis_url, write_only=True, logger=False)
@@ -58,7 +59,7 @@ async def psio_emitter(redis_url: str) -> Emit:
     return emit
 
 
-async def channels_emitter(redis_url: str) -> Emit:
+async def channels_emitter(redis_url: str, stack: contextlib.AsyncExitStack) -> Emit:
     os.environ["BENCH_REDIS_URL"] = redis_url
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bench.peers.channels_app.settings")
     import django  # type: ignore[import-not-found, import-untyped, unused-ignore]  # peers venv only
@@ -78,28 +79,34 @@ async def channels_emitter(redis_url: str) -> Emit:
     return emit
 
 
-async def streamd_xadd_emitter(redis_url: str) -> Emit:
-    """Not a peer: streamd without its HTTP ingest, the entry XADDed as ingest_post.lua would.
+async def streamd_emitter(redis_url: str, stack: contextlib.AsyncExitStack) -> Emit:
+    """streamd's own backend publisher (`streamd.publisher`): the same
+    validation, lists and `ingest_post.lua` as `POST /v1/posts`, without HTTP."""
+    from streamd.publisher import Publisher
+    from streamd.settings import Settings
 
-    Only the fields the fan-out worker reads (`a` author, `d` body, `l` lists);
-    no post record and no idempotency key, so the post cannot be deleted later.
-    """
-    import redis.asyncio as aioredis
-
-    from streamd import keys
-
-    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=128)
-    client = aioredis.Redis.from_pool(pool)
-    stream = keys.ingest_stream(0)
+    publisher = await stack.enter_async_context(Publisher.open(redis_url, Settings.from_env()))
 
     async def emit(room: str, payload: dict[str, Any]) -> None:
-        body = {"text": payload["post"]["text"], "events": [], "media": []}
-        await client.xadd(stream, {"a": payload["post"]["author"], "d": orjson.dumps(body), "l": b"[]"})
+        await publisher.post(payload["post"]["author"], {"text": payload["post"]["text"]})
 
     return emit
 
 
-EMITTERS = {"psio": psio_emitter, "channels": channels_emitter, "streamd-xadd": streamd_xadd_emitter}
+async def streamd_setup(cmd: dict[str, Any]) -> None:
+    """The authors h0..hF-1, created over HTTP with the admin token (not measured)."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {cmd['admin_token']}"}
+    async with aiohttp.ClientSession() as session:
+        for i in range(cmd["feeds"]):
+            async with session.post(f"{cmd['base']}/v1/users", json={"handle": f"h{i}"}, headers=headers) as resp:
+                if resp.status not in (201, 409):
+                    raise RuntimeError(f"creating user h{i}: HTTP {resp.status} {await resp.text()}")
+
+
+EMITTERS = {"psio": psio_emitter, "channels": channels_emitter, "streamd": streamd_emitter}
+SETUPS = {"streamd": streamd_setup}
 
 
 async def post(emit: Emit, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -149,7 +156,11 @@ async def post(emit: Emit, cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 async def serve(kind: str, redis_url: str) -> int:
-    emit = await EMITTERS[kind](redis_url)
+    async with contextlib.AsyncExitStack() as stack:
+        return await _serve(kind, await EMITTERS[kind](redis_url, stack))
+
+
+async def _serve(kind: str, emit: Emit) -> int:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -158,6 +169,8 @@ async def serve(kind: str, redis_url: str) -> int:
         cmd = orjson.loads(line)
         try:
             if cmd["cmd"] == "setup":
+                if kind in SETUPS:
+                    await SETUPS[kind](cmd)
                 reply: dict[str, Any] = {"ok": True}
             elif cmd["cmd"] == "post":
                 reply = await post(emit, cmd)

@@ -23,8 +23,8 @@ HELP = "write bench/RESULTS.md and its plots from compare results JSON"
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 START, END = "<!-- generated:start -->", "<!-- generated:end -->"
-ENGINE_ORDER = ("streamd", "streamd-xadd", "psio", "channels", "node")
-COLORS = {"streamd": "#1f77b4", "streamd-xadd": "#9467bd", "psio": "#2ca02c", "channels": "#d62728", "node": "#ff7f0e"}
+ENGINE_ORDER = ("streamd", "streamd-http", "psio", "channels", "node")
+COLORS = {"streamd": "#1f77b4", "streamd-http": "#9467bd", "psio": "#2ca02c", "channels": "#d62728", "node": "#ff7f0e"}
 TITLES = {
     "a": "a: 1,000 subscribers in 10 feeds",
     "b": "b: hot feed, 5,000 subscribers on one feed",

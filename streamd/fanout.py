@@ -4,11 +4,12 @@ Reads the ingest stream through the `fanout` consumer group, appends each
 post to every feed it reaches and acknowledges the entry only after every
 feed is written. History append and live publish are one Lua script call
 carrying a whole batch: every post of the batch for every feed of one slot
-(all feeds, on a single server), so a batch costs two round trips: the
-writes, and one that acknowledges the previous batch and reads the next.
-On a single server both go over the worker's own auto-pipelined connection
-(`autopipe.py`): redis-py's own cost per round trip was most of the
-worker's CPU when batches are small. The script skips a post already in a feed, so an entry redelivered after a
+(all feeds, on a single server). On a single server a batch costs one round
+trip on the worker's own auto-pipelined connection (`autopipe.py`): the
+acknowledgement of the batches written, the writes of the batch read last,
+and the next read; at a few hundred posts a second each Redis wakeup costs
+more than the work it does. Under Cluster a batch costs two (the writes, and
+one that acknowledges them and reads the next). The script skips a post already in a feed, so an entry redelivered after a
 crash never puts a post into a feed twice. Entries left pending by a dead
 worker are claimed with XAUTOCLAIM once idle for `claim_idle_ms`.
 
@@ -47,7 +48,7 @@ from streamd.feeds import expand
 from streamd.metrics import Metrics
 from streamd.posts import build_post, post_id_for
 from streamd.settings import Settings
-from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
+from streamd.store import TRANSIENT_ERRORS, AnyPipeline, AnyRedis, Replicas, Scripts, Wait, is_cluster
 
 log = logging.getLogger("streamd.fanout")
 
@@ -163,6 +164,7 @@ class FanoutWorker:
         self._cluster = is_cluster(client)
         self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret; no syscall each
         self._acks: list[bytes] = []  # written, to acknowledge with the next read
+        self._unwritten: Batch | None = None  # read, to write with the next round trip (single server)
         self._free_since: float | None = None  # standby: since when the shard's lease is seen free
         # While `run` works: a connection of its own (a blocked read must hold
         # up nothing else) for the reads and writes of the batches, on a single
@@ -201,6 +203,7 @@ class FanoutWorker:
         block_ms = max(10, min(500, ttl // 3))  # the lease is renewed between reads
         renewed = 0.0
         last_batch = 0.0
+        linger = 0.0
         catch_up = True  # first the entries pending from before (a previous holder, a failed batch)
         while not stop.is_set():
             try:
@@ -219,6 +222,9 @@ class FanoutWorker:
                             held = 0
                         if held == 0:
                             book.lost(self._shard)
+                            # The batch read but not written is the next holder's:
+                            # it stays pending, and is claimed in order with the rest.
+                            self._unwritten = None
                             await self._ack()
                             renewed = 0.0
                             await _sleep_unless(stop, block_ms / 1000)
@@ -236,13 +242,13 @@ class FanoutWorker:
                         await self.claim_stale()
                         await self.trim_ingest()
                         next_claim = now + self._settings.claim_every_seconds
-                    # The previous batch is acknowledged by this read's round trip.
-                    count = await self._read_and_write(block_ms)
+                    count = await self._read_and_write(block_ms, linger)
+                    linger = 0.0
                     if count:
                         done_at = time.monotonic()
                         gap = done_at - last_batch
                         if count < LINGER_POSTS and gap < count * BUSY_GAP_S:
-                            await asyncio.sleep(min(LINGER_S, LINGER_POSTS * gap / count))
+                            linger = min(LINGER_S, LINGER_POSTS * gap / count)
                         last_batch = done_at
                     backoff = 0.1
                 await self._ack()
@@ -255,6 +261,7 @@ class FanoutWorker:
                 # Entries written and not acknowledged stay pending: the catch-up
                 # claims them, and the scripts skip what is in the feeds already.
                 self._acks = []
+                self._unwritten = None
                 catch_up = True
                 renewed = 0.0
                 await _sleep_unless(stop, backoff)
@@ -285,24 +292,26 @@ class FanoutWorker:
         await self._ack()
         return count
 
-    async def _read_and_write(self, block_ms: int | None) -> int:
-        """Acknowledge the entries done so far and read the next batch, in one
-        round trip, then write the batch's feeds; its ids wait for the next ack.
-        An entry written but not yet acknowledged is only ever redelivered, and
-        a redelivered entry writes nothing twice."""
+    async def _read_and_write(self, block_ms: int | None, linger: float = 0.0) -> int:
+        """Read the next batch; returns how many entries it has.
+
+        On a single server (`_link`) one round trip carries the
+        acknowledgement of the entries written so far, the feed writes of the
+        batch read last time, and the next read: the batch just read is
+        written with the next round trip (or by `_ack`). Under Cluster the
+        batch is written at once, and the ack rides with the next read. An
+        entry written but not yet acknowledged is only ever redelivered, and a
+        redelivered entry writes nothing twice.
+
+        `linger` seconds pass before the read (after the writes): under steady
+        traffic a read then carries several posts instead of one."""
+        if self._link is not None:
+            return await self._write_and_read(self._link, block_ms, linger)
+        if linger:
+            await asyncio.sleep(linger)
         acks, self._acks = self._acks, []
         batch = self._settings.fanout_batch
-        if self._link is not None:
-            read: tuple[Any, ...] = ("XREADGROUP", "GROUP", keys.FANOUT_GROUP, self.consumer, "COUNT", batch)
-            if block_ms is not None:
-                read = (*read, "BLOCK", block_ms)
-            read = (*read, "STREAMS", self._stream, ">")
-            replies = await _execute(self._link, [("XACK", self._stream, keys.FANOUT_GROUP, *acks), read] if acks else [read])
-            for r in replies:
-                if isinstance(r, Exception):
-                    raise r
-            reply = replies[-1]
-        elif acks:
+        if acks:
             pipe = self._redis.pipeline(transaction=False)
             pipe.xack(self._stream, keys.FANOUT_GROUP, *acks)
             pipe.xreadgroup(keys.FANOUT_GROUP, self.consumer, {self._stream: ">"}, count=batch, block=block_ms)
@@ -313,12 +322,54 @@ class FanoutWorker:
             )
         entries = _entries(reply[0][1]) if reply else []
         if entries:
-            done = await self.write_feeds(entries)
-            self._acks.extend(done)
-            self.processed += len(done)
+            self._done(await self.write_feeds(entries))
         return len(entries)
 
+    async def _write_and_read(self, link: AutoPipeline, block_ms: int | None, linger: float) -> int:
+        acks, self._acks = self._acks, []
+        batch, self._unwritten = self._unwritten, None
+        commands = _Commands()
+        if acks:
+            commands.append(("XACK", self._stream, keys.FANOUT_GROUP, *acks))
+        first_write = len(commands)
+        if batch is not None:
+            self._queue_writes(batch, commands)
+        first_read = len(commands)
+        futures = [link.execute(*command) for command in commands]
+        if linger:
+            await asyncio.sleep(linger)  # the writes leave now, the read after
+        read: tuple[Any, ...] = ("XREADGROUP", "GROUP", keys.FANOUT_GROUP, self.consumer, "COUNT", self._settings.fanout_batch)
+        if block_ms is not None:
+            read = (*read, "BLOCK", block_ms)
+        futures.append(link.execute(*read, "STREAMS", self._stream, ">"))
+        replies = await _replies(futures)
+        for r in replies[:first_write]:
+            if isinstance(r, Exception):
+                raise r
+        if batch is not None:
+            # The writes are settled before the read's error, if any, is raised.
+            results = replies[first_write:first_read]
+            if any(isinstance(r, NoScriptError) for r in results):
+                results = await self._rewrite_without_scripts(link, batch)
+            self._done(await self._settle(batch, results))
+        reply = replies[-1]
+        if isinstance(reply, Exception):
+            raise reply
+        entries = _entries(reply[0][1]) if reply else []
+        if entries:
+            self._unwritten = await self._plan_batch(entries)
+        return len(entries)
+
+    def _done(self, done: list[bytes]) -> None:
+        """Entries whose feeds are written: acknowledged with the next round trip."""
+        self._acks.extend(done)
+        self.processed += len(done)
+
     async def _ack(self) -> None:
+        """Write the batch read last, if it is not yet, and acknowledge every entry written."""
+        batch, self._unwritten = self._unwritten, None
+        if batch is not None:
+            self._done(await self._write(batch))
         acks, self._acks = self._acks, []
         if not acks:
             return
@@ -369,6 +420,12 @@ class FanoutWorker:
         entry that Redis itself refuses (a script error: the entry is
         malformed) would fail forever, so it goes to the dead letters instead.
         """
+        batch = await self._plan_batch(entries)
+        return await self._write(batch) if batch is not None else []
+
+    async def _plan_batch(self, entries: Sequence[Entry]) -> Batch | None:
+        """The script calls writing `entries` (None: nothing to write);
+        an entry that cannot be parsed goes to the dead letters."""
         # A fresh epoch for each batch: a feed whose history was lost gets one its old cursors do not name.
         epoch = f"{self._random.getrandbits(32):08x}"
         plan = Plan(self._scripts, self._settings.feed_history_len, epoch, self._slot_of)
@@ -382,28 +439,45 @@ class FanoutWorker:
             kept.append((raw_id, fields))
         calls = plan.finish()
         if not calls:
-            return []
-        wait = await self._replicas.plan([call.keys[0] for call in calls])
+            return None
+        return Batch(kept, calls, await self._replicas.plan([call.keys[0] for call in calls]))
 
-        async def build(pipe: AnyPipeline | _Commands) -> None:
-            # EVALSHA queued as it is: a plain pipeline given scripts asks
-            # SCRIPT EXISTS first, one more round trip. A missing script
-            # (NOSCRIPT) makes `Scripts.run` load them all and run it again.
-            for call in calls:
-                pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
-            wait.queue(pipe)  # type: ignore[arg-type]
+    @staticmethod
+    def _queue_writes(batch: Batch, pipe: AnyPipeline | _Commands) -> None:
+        # EVALSHA queued as it is: a plain pipeline given scripts asks
+        # SCRIPT EXISTS first, one more round trip. A missing script
+        # (NOSCRIPT) makes `Scripts.run` load them all and run it again.
+        for call in batch.calls:
+            pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
+        batch.wait.queue(pipe)  # type: ignore[arg-type]
 
+    async def _write(self, batch: Batch) -> list[bytes]:
         if self._link is not None:
             commands = _Commands()
-            await build(commands)
+            self._queue_writes(batch, commands)
             results = await _execute(self._link, commands)
             if any(isinstance(r, NoScriptError) for r in results):
-                # The server lost its scripts (restarted): load them, run again;
-                # each script skips what is done already.
-                await self._scripts.load(self._redis)
-                results = await _execute(self._link, commands)
+                results = await self._rewrite_without_scripts(self._link, batch)
         else:
+
+            async def build(pipe: AnyPipeline) -> None:
+                self._queue_writes(batch, pipe)
+
             results = await self._scripts.run(self._redis, build)
+        return await self._settle(batch, results)
+
+    async def _rewrite_without_scripts(self, link: AutoPipeline, batch: Batch) -> list[Any]:
+        """The server lost its scripts (restarted): load them and write again;
+        each script skips what is done already."""
+        await self._scripts.load(self._redis)
+        commands = _Commands()
+        self._queue_writes(batch, commands)
+        return await _execute(link, commands)
+
+    async def _settle(self, batch: Batch, results: list[Any]) -> list[bytes]:
+        """The entries of `batch` written, from the replies of its writes;
+        refused ones go to the dead letters, a transient error raises."""
+        kept, calls, wait = batch.kept, batch.calls, batch.wait
         wait.check(results[len(results) - len(wait) :] if len(wait) else [])
         written: list[list[bytes]] = [[] for _ in kept]
         refused: dict[int, str] = {}
@@ -521,6 +595,15 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
 
 
 @dataclass(slots=True)
+class Batch:
+    """The writes of a batch of ingest entries, planned and not yet settled."""
+
+    kept: list[Entry]  # the entries written, in order; `Call.owners` index them
+    calls: list[Call]
+    wait: Wait
+
+
+@dataclass(slots=True)
 class Call:
     """One script call of a batch."""
 
@@ -607,7 +690,10 @@ class Plan:
 async def _execute(link: AutoPipeline, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
     """`commands` in one write (one event-loop turn); their replies in order,
     an error reply as its exception, like `pipeline.execute(raise_on_error=False)`."""
-    futures = [link.execute(*command) for command in commands]
+    return await _replies([link.execute(*command) for command in commands])
+
+
+async def _replies(futures: Sequence[asyncio.Future[Any]]) -> list[Any]:
     replies: list[Any] = []
     for future in futures:
         try:
