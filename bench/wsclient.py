@@ -96,6 +96,16 @@ class WSClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
+        if self._upgraded and not buf and len(data) >= 2 and data[0] == 0x81:
+            # Most reads are one whole unfragmented text frame: no buffering.
+            length = data[1]
+            if length < 126:
+                if len(data) == 2 + length:
+                    self.on_text(data[2:])
+                    return
+            elif length == 126 and len(data) >= 4 and len(data) == 4 + ((data[2] << 8) | data[3]):
+                self.on_text(data[4:])
+                return
         buf += data
         if not self._upgraded:
             end = buf.find(b"\r\n\r\n")

@@ -20,6 +20,7 @@ from streamd import __version__, logs, store, tail
 from streamd.app import make_app
 from streamd.embedded import EmbeddedError, EmbeddedRedis
 from streamd.fanout import FanoutWorker, LeaseBook
+from streamd.gcpolicy import frozen_heap
 from streamd.settings import Settings
 from streamd.supervisor import READY, SharedPort, Supervisor
 
@@ -175,7 +176,8 @@ async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines
             print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
             for line in lines:
                 print(f"  {line}", flush=True)
-        await stop.wait()
+        async with frozen_heap(settings.gc_full_collect_seconds):
+            await stop.wait()
         print("streamd: stopping (closing sockets with 1001, finishing the fan-out batch)", flush=True)
     finally:
         await runner.cleanup()
@@ -225,7 +227,8 @@ async def run_fanout(settings: Settings, listen: Listen = Listen()) -> int:
         book = LeaseBook(client, settings.ingest_shards, max(settings.claim_idle_ms, 100))
         workers = [FanoutWorker(client, settings, shard=s, book=book) for s in range(settings.ingest_shards)]
         print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
-        await asyncio.gather(*(w.run(stop) for w in workers))
+        async with frozen_heap(settings.gc_full_collect_seconds):
+            await asyncio.gather(*(w.run(stop) for w in workers))
     finally:
         await store.close(client)
     return 0

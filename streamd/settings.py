@@ -73,6 +73,9 @@ class Settings:
     redis_pool_size: int = 64
 
     log_json: bool = False
+    # Server processes: a full cycle collection of the whole heap this often,
+    # the heap frozen in between (gcpolicy.py); 0: CPython's own schedule.
+    gc_full_collect_seconds: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
