@@ -430,7 +430,13 @@ class FanoutWorker:
         epoch = f"{self._random.getrandbits(32):08x}"
         plan = Plan(self._scripts, self._settings.feed_history_len, epoch, self._slot_of)
         kept: list[Entry] = []
+        fanned_out: list[bytes] = []
+        fanned_items = 0
         for raw_id, fields in entries:
+            if b"n" in fields:
+                fanned_out.append(raw_id)  # by the script that accepted it (ingest_fanout.lua)
+                fanned_items += _feed_count(fields)
+                continue
             try:
                 self._plan(plan, len(kept), raw_id, fields)
             except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
@@ -438,9 +444,9 @@ class FanoutWorker:
                 continue
             kept.append((raw_id, fields))
         calls = plan.finish()
-        if not calls:
+        if not calls and not fanned_out:
             return None
-        return Batch(kept, calls, await self._replicas.plan([call.keys[0] for call in calls]))
+        return Batch(kept, calls, await self._replicas.plan([call.keys[0] for call in calls]), fanned_out, fanned_items)
 
     @staticmethod
     def _queue_writes(batch: Batch, pipe: AnyPipeline | _Commands) -> None:
@@ -449,9 +455,12 @@ class FanoutWorker:
         # (NOSCRIPT) makes `Scripts.run` load them all and run it again.
         for call in batch.calls:
             pipe.execute_command("EVALSHA", call.sha, len(call.keys), *call.keys, *call.args)
-        batch.wait.queue(pipe)  # type: ignore[arg-type]
+        if batch.calls:
+            batch.wait.queue(pipe)  # type: ignore[arg-type]
 
     async def _write(self, batch: Batch) -> list[bytes]:
+        if not batch.calls:
+            return await self._settle(batch, [])
         if self._link is not None:
             commands = _Commands()
             self._queue_writes(batch, commands)
@@ -478,7 +487,8 @@ class FanoutWorker:
         """The entries of `batch` written, from the replies of its writes;
         refused ones go to the dead letters, a transient error raises."""
         kept, calls, wait = batch.kept, batch.calls, batch.wait
-        wait.check(results[len(results) - len(wait) :] if len(wait) else [])
+        if calls:
+            wait.check(results[len(results) - len(wait) :] if len(wait) else [])
         written: list[list[bytes]] = [[] for _ in kept]
         refused: dict[int, str] = {}
         for call, reply in zip(calls, results, strict=False):
@@ -502,6 +512,14 @@ class FanoutWorker:
             else:
                 done.append(raw_id)
         self._count(kept, written, refused)
+        if batch.fanned_out:
+            # Written by the accepting script itself: no lag between ingest and feed.
+            m = self.metrics
+            m.posts_fanned_out.inc(len(batch.fanned_out))
+            m.feed_items_written.inc(batch.fanned_items)
+            for _ in range(batch.fanned_items):
+                m.ingest_lag.observe(0.0)
+            done += batch.fanned_out
         return done
 
     def _count(self, kept: list[Entry], written: list[list[bytes]], refused: dict[int, str]) -> None:
@@ -601,6 +619,8 @@ class Batch:
     kept: list[Entry]  # the entries written, in order; `Call.owners` index them
     calls: list[Call]
     wait: Wait
+    fanned_out: list[bytes]  # entries whose post was fanned out when accepted: only acknowledged
+    fanned_items: int  # their (feed, post) items
 
 
 @dataclass(slots=True)
@@ -708,6 +728,15 @@ class _Commands(list[tuple[Any, ...]]):
 
     def execute_command(self, *args: Any, **options: Any) -> None:
         self.append(args)
+
+
+def _feed_count(fields: dict[bytes, bytes]) -> int:
+    """How many feeds an entry's post reached: for the metrics only."""
+    try:
+        events = orjson.loads(fields[b"d"]).get("events", [])
+        return len(expand(fields[b"a"].decode(), events, orjson.loads(fields.get(b"l", b"[]"))))
+    except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
+        return 1
 
 
 def _entries(raw: list[Any]) -> list[Entry]:

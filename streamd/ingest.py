@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
+import secrets
 from collections.abc import Awaitable
 from typing import Any
 
@@ -35,7 +37,7 @@ from streamd.lists import Lists, sorted_members
 from streamd.metrics import Metrics
 from streamd.posts import NewPost, build_post, ingest_shard, validate_new_post
 from streamd.settings import Settings
-from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts
+from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
 
 
 class Acceptance:
@@ -45,11 +47,16 @@ class Acceptance:
 
     def __init__(self, client: AnyRedis, scripts: Scripts, settings: Settings, fast: AutoPipeline | None) -> None:
         self._redis = client
-        self._scripts = scripts
         self._settings = settings
         # WAIT counts the writes of its own connection: with wait_replicas the
         # script and its WAIT go down one redis-py pipeline of their own.
         self.fast = fast if not settings.wait_replicas else None
+        # One server: the accepting script also fans the post out (the feeds'
+        # keys are in other slots than the ingest shard's under Cluster).
+        self._direct = settings.fanout_at_accept and not is_cluster(client)
+        self._script = scripts.ingest_fanout if self._direct else scripts.ingest_post
+        self._scripts = scripts
+        self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret
 
     async def store(self, author: str, new: NewPost, lists: list[str]) -> tuple[dict[str, Any], bool]:
         """The post kept, and whether it is new (False: an idempotent repeat)."""
@@ -57,7 +64,7 @@ class Acceptance:
         scripts = self._scripts
         fast = self.fast
         if fast is not None:
-            script = scripts.ingest_post
+            script = self._script
             created, post_id, body_json = await fast.evalsha(script.sha, script.text, script_keys, script_args)
             if created:
                 # The body stored is the one sent: no need to parse it back.
@@ -78,7 +85,7 @@ class Acceptance:
             wait = await Replicas(client, self._settings).plan([script_keys[0]])
 
             async def build(pipe: AnyPipeline) -> None:
-                await scripts.ingest_post(keys=script_keys, args=script_args, client=pipe)
+                await self._script(keys=script_keys, args=script_args, client=pipe)
                 wait.queue(pipe)
 
             reply, *waited = await scripts.run(client, build)
@@ -87,25 +94,32 @@ class Acceptance:
             wait.check(waited)
             created, post_id, body_json = reply
         else:
-            created, post_id, body_json = await scripts.ingest_post(keys=script_keys, args=script_args)
+            created, post_id, body_json = await self._script(keys=script_keys, args=script_args)
         return build_post(post_id.decode(), author, body_json), bool(created)
 
     def _arguments(self, author: str, new: NewPost, lists: list[str]) -> tuple[list[Any], list[Any]]:
-        """KEYS and ARGV of ingest_post.lua."""
+        """KEYS and ARGV of ingest_post.lua, or of ingest_fanout.lua (which adds the feeds')."""
         settings = self._settings
         shard, stream, record_prefix = _author_keys(author, settings.ingest_shards)
         key_digest = new.idempotency_digest()
+        feeds = expand(author, new.events, lists)
         script_keys = [stream, keys.idempotency(shard, author, key_digest) if key_digest else stream, record_prefix]
-        script_args = [
+        script_args: list[Any] = [
             author,
             new.body_json(),
             orjson.dumps(lists),
-            orjson.dumps(expand(author, new.events, lists)),
+            orjson.dumps(feeds),
             settings.idempotency_ttl_seconds if key_digest else 0,
             settings.post_retention_seconds,
             shard,
             settings.ingest_shards,
         ]
+        if self._direct:
+            script_keys.append(keys.dead_letter_stream(shard))
+            script_args += (settings.feed_history_len, f"{self._random.getrandbits(32):08x}")
+            for feed in feeds:
+                script_keys += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
+                script_args += (keys.feed_channel(feed), feed)
         return script_keys, script_args
 
 

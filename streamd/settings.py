@@ -67,6 +67,11 @@ class Settings:
     idempotency_ttl_seconds: int = 24 * 3600
 
     # Fan-out worker.
+    # On a single Redis server, the script that accepts a post also writes it
+    # to its feeds and publishes it (ingest_fanout.lua): one hop less for
+    # every post; the worker only acknowledges it. Under Cluster, or False:
+    # the worker writes the feeds.
+    fanout_at_accept: bool = True
     fanout_batch: int = 256
     claim_idle_ms: int = 5_000
     claim_every_seconds: float = 1.0

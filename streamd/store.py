@@ -240,8 +240,16 @@ class Wait:
                     raise NotReplicated(f"the slot of {key} moved during the write")
 
 
+_INCLUDE = "--! include "
+
+
 def _load(name: str) -> str:
-    return resources.files("streamd").joinpath("scripts", name).read_text()
+    """A script's text, with each `--! include <file>` line replaced by that file."""
+    text = resources.files("streamd").joinpath("scripts", name).read_text()
+    return "".join(
+        _load(line[len(_INCLUDE) :].strip()) if line.startswith(_INCLUDE) else line
+        for line in text.splitlines(keepends=True)
+    )
 
 
 class Script:
@@ -281,6 +289,7 @@ class Scripts:
     feed_delete: Script
     feed_remove: Script
     ingest_post: Script
+    ingest_fanout: Script
     post_delete: Script
     list_member: Script
     list_clear: Script

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from streamd.settings import Settings
 from tests.helpers import ADMIN_TOKEN, Api
+
+
+@pytest.fixture(params=[True, False], ids=["fanout-at-accept", "worker-writes"])
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Every case with the accepting script fanning posts out, and with the worker doing it."""
+    return settings.replace(fanout_at_accept=request.param)
 
 
 async def test_delete_reaches_every_feed_the_post_reached(api: Api, ws_connect: Any) -> None:

@@ -58,6 +58,10 @@ from tests.faults_support import (
 
 pytestmark = pytest.mark.timeout(150)
 
+# The worker-crash cases test the worker writing the feeds: posts are not
+# fanned out by the script that accepts them.
+WORKER_WRITES = {"STREAMD_FANOUT_AT_ACCEPT": "false"}
+
 
 async def resume_once(url: str, feed: str, cursor: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Subscribe with `cursor` on a fresh socket: the `subscribed` reply and the replayed items.
@@ -104,7 +108,7 @@ def replayed(poster: Poster) -> int:
 @pytest.mark.slow
 async def test_fanout_workers_sigkilled_while_posts_flow(tmp_path: Any) -> None:
     rng, seed = seeded_rng()
-    async with Cluster(tmp_path) as c:
+    async with Cluster(tmp_path, env=WORKER_WRITES) as c:
         gw = await c.gateway()
         tokens, lists, feeds = await setup_feeds(c, gw)
         changes = Changes()
@@ -212,7 +216,7 @@ async def test_fanout_workers_sigkilled_while_posts_flow(tmp_path: Any) -> None:
 async def test_concurrent_workers_do_not_crash(tmp_path: Any) -> None:
     # Workers that run their claim-and-trim cycle on every loop turn, while
     # single posts keep the group's pending count going 1 -> 0.
-    async with Cluster(tmp_path, env={"STREAMD_CLAIM_EVERY_SECONDS": "0"}) as c:
+    async with Cluster(tmp_path, env={**WORKER_WRITES, "STREAMD_CLAIM_EVERY_SECONDS": "0"}) as c:
         gw = await c.gateway()
         token = await c.user(gw, "tia")
         workers = [await c.worker() for _ in range(3)]
@@ -1024,7 +1028,7 @@ async def test_gateway_sigterm_flushes_queued_frames_then_closes_1001(tmp_path: 
 
 async def test_worker_sigterm_finishes_its_batch_and_exits_0(tmp_path: Any) -> None:
     rng, seed = seeded_rng()
-    async with Cluster(tmp_path) as c:
+    async with Cluster(tmp_path, env=WORKER_WRITES) as c:
         gw = await c.gateway()  # no worker yet: the posts wait in the ingest stream
         tokens = {h: await c.user(gw, h) for h in ("wes", "wyn")}
         poster = Poster(c.http, lambda: [gw.url], tokens)

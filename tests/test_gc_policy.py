@@ -6,9 +6,6 @@ import asyncio
 import gc
 from typing import Any
 
-from aiohttp.test_utils import TestServer
-
-from streamd.http_base import HUB
 from streamd.wssocket import WebSocket
 from tests.helpers import Api
 
@@ -17,9 +14,8 @@ def _alive(kind: type) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is kind)
 
 
-async def test_a_closed_connection_leaves_no_cycle_behind(server: TestServer, api: Api, ws_connect: Any) -> None:
+async def test_a_closed_connection_leaves_no_cycle_behind(api: Api, ws_connect: Any) -> None:
     token = await api.user("jane")
-    hub = server.app[HUB]
     gc.collect()
     gc.disable()
     try:

@@ -18,63 +18,21 @@
 -- itself was deleted: a list); '!<error>' when Redis refused the feed's
 -- writes (a key of the wrong type): the feed's remaining items get it too,
 -- and the other feeds go on.
+--! include feed_append_core.lua
 local maxlen = tonumber(ARGV[1])
 local fresh_epoch = ARGV[2]
-local slack = math.max(1, math.floor(maxlen / 10))
 local out = {}
-
-local function append_feed(stream, meta, index, channel, feed, first, n)
-  local m = redis.call('HMGET', meta, 'deleted', 'epoch')
-  if m[1] then
-    for _ = 1, n do
-      out[#out + 1] = ''
-    end
-    return
-  end
-  local epoch = m[2]
-  if not epoch then
-    epoch = fresh_epoch
-    redis.call('HSET', meta, 'epoch', epoch)
-  end
-  local head = '{"op":"post","feed":"' .. feed .. '","cursor":"' .. epoch .. '.'
-  for k = first, first + n - 1 do
-    local p = tonumber(ARGV[k])
-    local post_id, post_json = ARGV[2 + 2 * p], ARGV[3 + 2 * p]
-    if redis.call('HEXISTS', index, post_id) == 1 then
-      out[#out + 1] = ''
-    else
-      local id = redis.call('XADD', stream, '*', 't', 'post', 'pid', post_id, 'p', post_json)
-      redis.call('HSET', index, post_id, id)
-      -- The live message is "<entry id> <frame>": the gateway orders by the id
-      -- and writes the frame bytes as they are.
-      redis.call(PUBLISH, channel, id .. ' ' .. head .. id .. '","post":' .. post_json .. '}')
-      out[#out + 1] = id
-    end
-  end
-
-  -- Exact trimming, amortised: once the history exceeds its bound by a tenth,
-  -- cut it back and remember the newest trimmed id so resumes can report gaps.
-  local len = redis.call('XLEN', stream)
-  if len > maxlen + slack then
-    local old = redis.call('XRANGE', stream, '-', '+', 'COUNT', len - maxlen)
-    for _, entry in ipairs(old) do
-      local fields = entry[2]
-      for i = 1, #fields, 2 do
-        if fields[i] == 'pid' then
-          redis.call('HDEL', index, fields[i + 1])
-        end
-      end
-    end
-    redis.call('XTRIM', stream, 'MAXLEN', maxlen)
-    redis.call('HSET', meta, 'trimmed', old[#old][1])
-  end
-end
 
 local arg = 4 + 2 * tonumber(ARGV[3])
 for f = 1, #KEYS, 3 do
   local channel, feed, n = ARGV[arg], ARGV[arg + 1], tonumber(ARGV[arg + 2])
+  local posts = {}
+  for k = arg + 3, arg + 2 + n do
+    local p = tonumber(ARGV[k])
+    posts[#posts + 1] = {ARGV[2 + 2 * p], ARGV[3 + 2 * p]}
+  end
   local before = #out
-  local ok, err = pcall(append_feed, KEYS[f], KEYS[f + 1], KEYS[f + 2], channel, feed, arg + 3, n)
+  local ok, err = pcall(append_feed, out, maxlen, fresh_epoch, KEYS[f], KEYS[f + 1], KEYS[f + 2], channel, feed, posts)
   if not ok then
     local text = '!' .. (type(err) == 'table' and (err.err or '?') or tostring(err))
     for i = #out + 1, before + n do

@@ -1,0 +1,64 @@
+-- Accept a post and fan it out at once, atomically: what ingest_post.lua and
+-- then the fan-out worker's feed_append.lua do, in one call. For a single
+-- Redis server only (the feeds' keys are in other Cluster slots than the
+-- ingest shard's); the worker then only acknowledges the entry, which says
+-- so (`n`). A post reaches its readers one round trip after it is sent.
+--
+-- KEYS[1] ingest stream      KEYS[2] idempotency hash (KEYS[1] again when unused)
+-- KEYS[3] post record key prefix (`...:post:`), completed here with the post id
+-- KEYS[4] dead-letter stream of the shard
+-- then per feed: history stream, meta hash, post index hash
+-- ARGV[1] author             ARGV[2] post body JSON        ARGV[3] lists JSON
+-- ARGV[4] feeds JSON         ARGV[5] idempotency TTL (0: no key)
+-- ARGV[6] record TTL         ARGV[7] shard                 ARGV[8] shard count
+-- ARGV[9] max history length ARGV[10] epoch to adopt if a feed has none yet
+-- then per feed, in KEYS order: live channel, feed name
+--
+-- Returns {1, post id, body} for a new post, {0, post id, body} for a repeat.
+--! include feed_append_core.lua
+local stream, idem, record_prefix, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local author, body, lists, feeds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local idem_ttl, record_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local shard, shards = tonumber(ARGV[7]), tonumber(ARGV[8])
+local maxlen, fresh_epoch = tonumber(ARGV[9]), ARGV[10]
+
+if idem_ttl > 0 then
+  local seen = redis.call('HMGET', idem, 'id', 'body')
+  if seen[1] then
+    return {0, seen[1], seen[2]}
+  end
+end
+
+local entry = redis.call('XADD', stream, '*', 'a', author, 'd', body, 'l', lists, 'n', '1')
+local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
+local post_id = ms .. '-' .. string.format('%d', tonumber(seq) * shards + shard)
+
+local record = record_prefix .. post_id
+redis.call('HSET', record, 'a', author, 'd', body, 'f', feeds)
+redis.call('EXPIRE', record, record_ttl)
+if idem_ttl > 0 then
+  redis.call('HSET', idem, 'id', post_id, 'body', body)
+  redis.call('EXPIRE', idem, idem_ttl)
+end
+
+-- The post as posts.build_post and orjson write it: the body's own fields
+-- between the id and author and created_at (a handle needs no escaping).
+local post_json = '{"id":"' .. post_id .. '","author":"' .. author .. '",' .. string.sub(body, 2, -2)
+  .. ',"created_at":' .. ms .. '}'
+local posts = {{post_id, post_json}}
+local refused = nil
+local out = {}
+for f = 5, #KEYS, 3 do
+  local arg = 11 + 2 * ((f - 5) / 3)
+  local ok, err = pcall(append_feed, out, maxlen, fresh_epoch, KEYS[f], KEYS[f + 1], KEYS[f + 2], ARGV[arg], ARGV[arg + 1], posts)
+  if not ok and not refused then
+    refused = type(err) == 'table' and (err.err or '?') or tostring(err)
+  end
+end
+if refused then
+  -- As the worker does with an entry whose feed writes Redis refuses: the
+  -- other feeds have it, the entry goes to the dead letters.
+  redis.call('XADD', dead, 'MAXLEN', '~', 10000, '*', 'entry', entry,
+    'reason', 'redis refused its feed writes: ' .. refused, 'a', author, 'd', body, 'l', lists, 'n', '1')
+end
+return {1, post_id, body}
