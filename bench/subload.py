@@ -95,14 +95,18 @@ class Load:
             self.unexpected["misrouted"] += 1
             return
         sub.cursor = frame.get("cursor")
-        slot = seq // feeds
+        self._count(sub, seq, int(sched_s), t)
+
+    def _count(self, sub: Sub, seq: int, scheduled: int, t: int) -> None:
+        """One delivery of post `seq` to `sub`, received at `t`."""
+        slot = seq // self.feeds
         counts = sub.counts
         if slot >= len(counts):
             counts.extend(bytes(slot + 1024 - len(counts)))
         if counts[slot] < 255:
             counts[slot] += 1
         self.seqs.append(seq)
-        self.sched.append(int(sched_s))
+        self.sched.append(scheduled)
         self.recv.append(t)
 
     def _deliver_bytes(self, sub: Sub, data: bytes, t: int, cursor: bool) -> bool:
@@ -129,15 +133,7 @@ class Load:
             if at >= 0:
                 at += 10
                 sub.cursor = data[at : data.find(b'"', at)].decode()
-        slot = seq // feeds
-        counts = sub.counts
-        if slot >= len(counts):
-            counts.extend(bytes(slot + 1024 - len(counts)))
-        if counts[slot] < 255:
-            counts[slot] += 1
-        self.seqs.append(seq)
-        self.sched.append(int(data[space + 1 : end]))
-        self.recv.append(t)
+        self._count(sub, seq, int(data[space + 1 : end]), t)
         return True
 
     def _on_text(self, sub: Sub) -> Callable[[bytes], None]:

@@ -15,31 +15,19 @@
 -- then per feed, in KEYS order: live channel, feed name
 --
 -- Returns {1, post id, body} for a new post, {0, post id, body} for a repeat.
+--! include ingest_accept_core.lua
 --! include feed_append_core.lua
-local stream, idem, record_prefix, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local author, body, lists, feeds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local idem_ttl, record_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
-local shard, shards = tonumber(ARGV[7]), tonumber(ARGV[8])
+local dead = KEYS[4]
+local author, body, lists = ARGV[1], ARGV[2], ARGV[3]
 local maxlen, fresh_epoch = tonumber(ARGV[9]), ARGV[10]
 
-if idem_ttl > 0 then
-  local seen = redis.call('HMGET', idem, 'id', 'body')
-  if seen[1] then
-    return {0, seen[1], seen[2]}
-  end
+local reply, entry = accept_post(KEYS[1], KEYS[2], KEYS[3], author, body, lists, ARGV[4],
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), {'n', '1'})
+if not entry then
+  return reply  -- a repeat: fanned out when first accepted
 end
-
-local entry = redis.call('XADD', stream, '*', 'a', author, 'd', body, 'l', lists, 'n', '1')
-local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
-local post_id = ms .. '-' .. string.format('%d', tonumber(seq) * shards + shard)
-
-local record = record_prefix .. post_id
-redis.call('HSET', record, 'a', author, 'd', body, 'f', feeds)
-redis.call('EXPIRE', record, record_ttl)
-if idem_ttl > 0 then
-  redis.call('HSET', idem, 'id', post_id, 'body', body)
-  redis.call('EXPIRE', idem, idem_ttl)
-end
+local post_id = reply[2]
+local ms = string.match(post_id, '^(%d+)-')
 
 -- The post as posts.build_post and orjson write it: the body's own fields
 -- between the id and author and created_at (a handle needs no escaping).
@@ -61,4 +49,4 @@ if refused then
   redis.call('XADD', dead, 'MAXLEN', '~', 10000, '*', 'entry', entry,
     'reason', 'redis refused its feed writes: ' .. refused, 'a', author, 'd', body, 'l', lists, 'n', '1')
 end
-return {1, post_id, body}
+return reply

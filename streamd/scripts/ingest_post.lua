@@ -8,28 +8,7 @@
 -- ARGV[6] record TTL         ARGV[7] shard                 ARGV[8] shard count
 --
 -- Returns {1, post id, body} for a new post, {0, post id, body} for a repeat.
-local stream, idem, record_prefix = KEYS[1], KEYS[2], KEYS[3]
-local author, body, lists, feeds = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local idem_ttl, record_ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
-local shard, shards = tonumber(ARGV[7]), tonumber(ARGV[8])
-
-if idem_ttl > 0 then
-  local seen = redis.call('HMGET', idem, 'id', 'body')
-  if seen[1] then
-    return {0, seen[1], seen[2]}
-  end
-end
-
-local entry = redis.call('XADD', stream, '*', 'a', author, 'd', body, 'l', lists)
--- Post ids stay unique across shards: the sequence part encodes the shard.
-local ms, seq = string.match(entry, '^(%d+)-(%d+)$')
-local post_id = ms .. '-' .. string.format('%d', tonumber(seq) * shards + shard)
-
-local record = record_prefix .. post_id
-redis.call('HSET', record, 'a', author, 'd', body, 'f', feeds)
-redis.call('EXPIRE', record, record_ttl)
-if idem_ttl > 0 then
-  redis.call('HSET', idem, 'id', post_id, 'body', body)
-  redis.call('EXPIRE', idem, idem_ttl)
-end
-return {1, post_id, body}
+--! include ingest_accept_core.lua
+local reply = accept_post(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), {})
+return reply
