@@ -10,8 +10,8 @@ from streamd.wssocket import WebSocket
 from tests.helpers import Api
 
 
-def _alive(kind: type) -> int:
-    return sum(1 for o in gc.get_objects() if type(o) is kind)
+def _instances(kind: type) -> set[int]:
+    return {id(o) for o in gc.get_objects() if type(o) is kind}
 
 
 async def test_a_closed_connection_leaves_no_cycle_behind(api: Api, ws_connect: Any) -> None:
@@ -19,17 +19,18 @@ async def test_a_closed_connection_leaves_no_cycle_behind(api: Api, ws_connect: 
     gc.collect()
     gc.disable()
     try:
+        before = _instances(WebSocket)  # other tests' connections, if any are left
         clients = [await ws_connect() for _ in range(20)]
         for c in clients:
             await c.subscribe("user:jane")
         await api.post(token, "hello")
         for c in clients:
             assert (await c.recv())["op"] == "post"
-        assert _alive(WebSocket) >= 20
+        assert len(_instances(WebSocket) - before) >= 20
         for c in clients:
             await c.ws.close()
         async with asyncio.timeout(10):
-            while _alive(WebSocket):
+            while _instances(WebSocket) - before:
                 await asyncio.sleep(0.02)
     finally:
         gc.enable()
