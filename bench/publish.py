@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -171,6 +172,10 @@ async def _serve(kind: str, emit: Emit) -> int:
             if cmd["cmd"] == "setup":
                 if kind in SETUPS:
                     await SETUPS[kind](cmd)
+                # As the HTTP poster and the load generator do: what exists now lives
+                # for the whole run, and a full collection of it would stall the posts.
+                gc.collect()
+                gc.freeze()
                 reply: dict[str, Any] = {"ok": True}
             elif cmd["cmd"] == "post":
                 reply = await post(emit, cmd)
