@@ -53,6 +53,10 @@ HELP = "streamd vs python-socketio, Django Channels and Node socket.io: scenario
 LOADGEN_CPU_FLAG = 70.0
 OTHER_LOAD_FLAG = 5.0
 RETRY_OTHER_PCT = 15.0
+# Time the hypervisor gave to other machines: nobody's process ran, and every
+# latency of the step grows. On this kind of host it comes and goes.
+STEAL_FLAG = 5.0
+RETRY_STEAL_PCT = 5.0
 P99_TARGET_MS = 25.0
 START_DELAY_S = 0.3
 IDLE_CYCLE_S = 26.0
@@ -308,12 +312,21 @@ def measured_step(ctx: Ctx, shape: Shape, rate: int, seq: int, **kw: Any) -> tup
         attempts.append(step)
         # Retried only past RETRY_OTHER_PCT: under heavy loopback traffic the
         # kernel's own threads (ksoftirqd, kworkers) show as a few % of "other".
-        if max(step["cpu_pct"]["other"].values(), default=0.0) <= RETRY_OTHER_PCT:
+        if _other(step) <= RETRY_OTHER_PCT and _steal(step) <= RETRY_STEAL_PCT:
             break
-        print(f"    (others used CPU during the step: {step['cpu_pct']['other']} %; attempt {attempt + 1})", flush=True)
-    best = min(attempts, key=lambda s: max(s["cpu_pct"]["other"].values(), default=0.0))
+        print(f"    (others used CPU during the step: {step['cpu_pct']['other']} %, hypervisor steal "
+              f"{step['cpu_pct']['steal']} %; attempt {attempt + 1})", flush=True)  # fmt: skip
+    best = min(attempts, key=lambda s: max(_other(s) / RETRY_OTHER_PCT, _steal(s) / RETRY_STEAL_PCT))
     best["attempts"] = len(attempts)
     return best, seq
+
+
+def _other(step: dict[str, Any]) -> float:
+    return max(step["cpu_pct"]["other"].values(), default=0.0)
+
+
+def _steal(step: dict[str, Any]) -> float:
+    return max(step["cpu_pct"]["steal"].values(), default=0.0)
 
 
 def wait_quiet(max_s: float, busy_pct: float = 15.0) -> float:
@@ -434,6 +447,7 @@ def run_step(ctx: Ctx, shape: Shape, rate: int, seq_lo: int, storm_at: float | N
         "loadgen_loop_lag_ms": summary_ms(loop_lag),
         "loadgen_saturated": loadgen_cpu > LOADGEN_CPU_FLAG,
         "other_load": any(v > OTHER_LOAD_FLAG for v in cpu["other"].values()),
+        "steal": any(v > STEAL_FLAG for v in cpu["steal"].values()),
         "cpu_pct": cpu,
         "rss_mb": {n: round(engines.rss_bytes(p.pid) / 2**20, 1) for n, p in ctx.running.sut.items()},
     }
@@ -568,6 +582,7 @@ def print_progress(step: dict[str, Any]) -> None:
     lat = step["latency_ms"]
     cores = ", ".join(f"{c} {b + step['cpu_pct']['irq'].get(c, 0):.0f}%" for c, b in step["cpu_pct"]["cores"].items())
     flags = (" LOADGEN>70%" if step["loadgen_saturated"] else "") + (" OTHER-LOAD" if step["other_load"] else "")
+    flags += " STEAL " + "/".join(f"{v:.0f}" for v in step["cpu_pct"]["steal"].values()) if step.get("steal") else ""
     print(
         f"  {step['target_deliveries_per_s']:>7}/s: {step['achieved_deliveries_per_s']:.0f}/s, "
         f"p50 {_cell(lat['p50'])} p99 {_cell(lat['p99'])} p99.9 {_cell(lat['p99.9'])} max {_cell(lat['max'])} ms, "

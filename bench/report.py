@@ -82,6 +82,8 @@ def _flags(step: dict[str, Any]) -> str:
     if step.get("other_load"):
         other = step["cpu_pct"]["other"]
         out.append("O " + "/".join(f"{v:.0f}" for v in other.values()))
+    if step.get("steal"):
+        out.append("S " + "/".join(f"{v:.0f}" for v in step["cpu_pct"]["steal"].values()))
     if step.get("posts_failed"):
         out.append(f"F{step['posts_failed']}")
     if step.get("ws_closed"):
@@ -306,7 +308,9 @@ def generated(paths: list[Path], out: Path) -> str:
         "```",
         "",
         "Flags: `L` load generator over 70% of a core; `O a/b` CPU0/CPU1 busy % that our processes do not "
-        "explain (other sessions on this machine: the numbers are disturbed); `F` posts failed; `C` sockets "
+        "explain (other sessions on this machine: the numbers are disturbed); `S a/b` CPU0/CPU1 % stolen by the "
+        "hypervisor (over 5%: the host ran other machines, every latency of the step grows; such a step is "
+        "re-run and the least disturbed attempt kept); `F` posts failed; `C` sockets "
         "closed by the server (close code x count). *sustained/s*: the highest achieved rate with p99 <= 25 ms, "
         "no loss, no duplicate (`-`: no rate run met that).",
         "",
