@@ -13,7 +13,7 @@ guarantees of PROTOCOL.md exactly:
 
 Each case prints one `FAULT-REPORT` line with its numbers (`pytest -s`).
 Random choices use one seed per case, printed in the report; set
-`FAULTS_SEED` to replay one. `FAULTS_SOAK_SECONDS` (8) sets how long the
+`FAULTS_SEED` to replay one. `FAULTS_SOAK_SECONDS` (5) sets how long the
 concurrent-workers case runs.
 """
 
@@ -223,7 +223,7 @@ async def test_concurrent_workers_do_not_crash(tmp_path: Any) -> None:
         workers = [await c.worker() for _ in range(3)]
         poster = Poster(c.http, lambda: [gw.url], {"tia": token})
         started = time.monotonic()
-        soak = float(os.environ.get("FAULTS_SOAK_SECONDS") or 8)  # longer by hand to hunt a race
+        soak = float(os.environ.get("FAULTS_SOAK_SECONDS") or 5)  # longer by hand to hunt a race
         while time.monotonic() - started < soak and all(w.alive for w in workers):
             await poster.post("tia")
         died = [f"{w.name}: exit {w.returncode}: {list(w.lines)[-1]}" for w in workers if not w.alive]

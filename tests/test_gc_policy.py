@@ -48,7 +48,7 @@ async def test_the_heap_is_frozen_and_frozen_cycles_are_still_reclaimed(monkeypa
 
     monkeypatch.setattr(gcpolicy, "FREEZE_EVERY_S", 0.05)
     assert gc.get_freeze_count() == 0
-    async with gcpolicy.frozen_heap(full_collect_seconds=1.0):
+    async with gcpolicy.frozen_heap(full_collect_seconds=0.3):
         node = _Node()
         ref = weakref.ref(node)
         frozen = gc.get_freeze_count()

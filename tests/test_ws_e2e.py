@@ -8,18 +8,10 @@ import os
 from typing import Any
 
 import aiohttp
-import pytest
 
 from streamd import cursors
 from streamd.http_base import HUB
-from streamd.settings import Settings
 from tests.helpers import Api
-
-
-@pytest.fixture(params=[True, False], ids=["fanout-at-accept", "worker-writes"])
-def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
-    """Every case with the accepting script fanning posts out, and with the worker doing it."""
-    return settings.replace(fanout_at_accept=request.param)
 
 
 async def test_post_reaches_subscriber(api: Api, ws_connect: Any) -> None:
