@@ -19,7 +19,6 @@ without end behind a Redis that stopped answering.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections import deque
 from collections.abc import Sequence
@@ -250,8 +249,15 @@ class AutoPipeline:
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self._connecting
+            except asyncio.CancelledError:
+                # The connect's own cancellation is expected; the caller's is not ours to swallow.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except Exception:  # noqa: S110 - closing: the connect's failure no longer matters
+                pass
         self._fail_queued(RedisConnectionError("the auto-pipeline is closed"))
         if self._transport is not None:
             self._transport.close()

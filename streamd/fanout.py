@@ -614,8 +614,12 @@ class FanoutWorker:
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can turn a
+    # cancellation that meets its timeout into a TimeoutError, and the
+    # cancelled worker would go on.
     try:
-        await asyncio.wait_for(stop.wait(), seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     except TimeoutError:
         pass
 
