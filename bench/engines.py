@@ -159,22 +159,21 @@ def _publisher(stack: contextlib.ExitStack, name: str, argv: list[str], log: Pat
     return child
 
 
+STREAMD = [sys.executable, "-m", "streamd"]
+
+
+def _streamd_gateway(port: int, url: str) -> list[str]:
+    return [*STREAMD, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url]
+
+
 def _start_streamd_sut(
     stack: contextlib.ExitStack, workdir: Path, pinning: Pinning, url: str, port: int
 ) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, str]]:
     """The SUT: `streamd gateway` (WebSockets) and `streamd fanout`, both on CPU 0."""
     token = "bench-" + os.urandom(12).hex()
     env = {**STREAMD_ENV, "STREAMD_ADMIN_TOKEN": token}
-    py = [sys.executable, "-m", "streamd"]
-    gw = _spawn(
-        stack,
-        workdir,
-        "gateway",
-        [*py, "gateway", "--host", "127.0.0.1", "--port", str(port), "--redis-url", url],
-        env,
-        pinning.gateway,
-    )
-    fanout = _spawn(stack, workdir, "fanout", [*py, "fanout", "--redis-url", url], env, pinning.gateway)
+    gw = _spawn(stack, workdir, "gateway", _streamd_gateway(port, url), env, pinning.gateway)
+    fanout = _spawn(stack, workdir, "fanout", [*STREAMD, "fanout", "--redis-url", url], env, pinning.gateway)
     _wait_port(gw, "gateway", port, workdir / "gateway.log")
     return {"gateway": gw, "fanout": fanout}, env
 
@@ -195,15 +194,7 @@ def _start_streamd_http(
 ) -> Running:
     sut, env = _start_streamd_sut(stack, workdir, pinning, url, port)
     ingest_port = free_port()
-    ingest = _spawn(
-        stack,
-        workdir,
-        "ingest",
-        [sys.executable, "-m", "streamd", "gateway", "--host", "127.0.0.1", "--port", str(ingest_port),
-         "--redis-url", url],
-        env,
-        pinning.rest,
-    )  # fmt: skip
+    ingest = _spawn(stack, workdir, "ingest", _streamd_gateway(ingest_port, url), env, pinning.rest)
     _wait_port(ingest, "ingest", ingest_port, workdir / "ingest.log")
     pub = _publisher(stack, "poster", [sys.executable, "-m", "bench.loadgen", "poster"], publisher_log, pinning)
     return Running(

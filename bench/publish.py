@@ -95,15 +95,17 @@ async def streamd_emitter(redis_url: str, stack: contextlib.AsyncExitStack) -> E
 
 
 async def streamd_setup(cmd: dict[str, Any]) -> None:
-    """The authors h0..hF-1, created over HTTP with the admin token (not measured)."""
-    import aiohttp
+    """The authors h0..hF-1, created over HTTP with the admin token as the
+    HTTP poster creates them (not measured)."""
+    from bench.loadgen import Poster
 
-    headers = {"Authorization": f"Bearer {cmd['admin_token']}"}
-    async with aiohttp.ClientSession() as session:
-        for i in range(cmd["feeds"]):
-            async with session.post(f"{cmd['base']}/v1/users", json={"handle": f"h{i}"}, headers=headers) as resp:
-                if resp.status not in (201, 409):
-                    raise RuntimeError(f"creating user h{i}: HTTP {resp.status} {await resp.text()}")
+    poster = Poster()
+    try:
+        reply = await poster.setup(cmd)
+    finally:
+        await poster.close()
+    if not reply["ok"]:
+        raise RuntimeError(reply["error"])
 
 
 EMITTERS = {"psio": psio_emitter, "channels": channels_emitter, "streamd": streamd_emitter}

@@ -356,9 +356,7 @@ class FanoutWorker:
                 raise r
         if batch is not None:
             # The writes are settled before the read's error, if any, is raised.
-            results = replies[first_write:first_read]
-            if any(isinstance(r, NoScriptError) for r in results):
-                results = await self._rewrite_without_scripts(link, batch)
+            results = await self._again_if_scripts_lost(link, batch, replies[first_write:first_read])
             self._done(await self._settle(batch, results))
         reply = replies[-1]
         if isinstance(reply, Exception):
@@ -443,7 +441,8 @@ class FanoutWorker:
         for raw_id, fields in entries:
             if b"n" in fields:
                 fanned_out.append(raw_id)  # by the script that accepted it (ingest_fanout.lua)
-                fanned_items += _feed_count(fields)
+                mark = fields[b"n"]
+                fanned_items += int(mark) if mark.isdigit() else 1  # feeds written, for the metrics
                 continue
             try:
                 self._plan(plan, len(kept), raw_id, fields)
@@ -472,9 +471,7 @@ class FanoutWorker:
         if self._link is not None:
             commands = _Commands()
             self._queue_writes(batch, commands)
-            results = await _execute(self._link, commands)
-            if any(isinstance(r, NoScriptError) for r in results):
-                results = await self._rewrite_without_scripts(self._link, batch)
+            results = await self._again_if_scripts_lost(self._link, batch, await _execute(self._link, commands))
         else:
 
             async def build(pipe: AnyPipeline) -> None:
@@ -483,9 +480,12 @@ class FanoutWorker:
             results = await self._scripts.run(self._redis, build)
         return await self._settle(batch, results)
 
-    async def _rewrite_without_scripts(self, link: AutoPipeline, batch: Batch) -> list[Any]:
-        """The server lost its scripts (restarted): load them and write again;
-        each script skips what is done already."""
+    async def _again_if_scripts_lost(self, link: AutoPipeline, batch: Batch, results: list[Any]) -> list[Any]:
+        """`results`, unless the server lost its scripts (restarted): then they
+        are loaded and the batch written again; each script skips what is done
+        already."""
+        if not any(isinstance(r, NoScriptError) for r in results):
+            return results
         await self._scripts.load(self._redis)
         commands = _Commands()
         self._queue_writes(batch, commands)
@@ -740,15 +740,6 @@ class _Commands(list[tuple[Any, ...]]):
 
     def execute_command(self, *args: Any, **options: Any) -> None:
         self.append(args)
-
-
-def _feed_count(fields: dict[bytes, bytes]) -> int:
-    """How many feeds an entry's post reached: for the metrics only."""
-    try:
-        events = orjson.loads(fields[b"d"]).get("events", [])
-        return len(expand(fields[b"a"].decode(), events, orjson.loads(fields.get(b"l", b"[]"))))
-    except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
-        return 1
 
 
 def _entries(raw: list[Any]) -> list[Entry]:

@@ -5,7 +5,8 @@ counted against the per-minute budget (`token_use.lua`, the token's slot),
 the lists its author is in now (SMEMBERS in the `{m}` slot: the post reaches
 the lists its author is in when accepted), and its acceptance
 (`ingest_post.lua`: idempotency key, post record and ingest stream entry, in
-the ingest shard's slot).
+the ingest shard's slot; on a single server `ingest_fanout.lua`, which also
+writes the post to its feeds and publishes it).
 
 On one Redis server the commands go through the process's `AutoPipeline`:
 those of every concurrent request leave in one write per loop turn. The
@@ -43,7 +44,8 @@ from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
 class Acceptance:
     """The last step of accepting a post, shared by `POST /v1/posts` (`Ingest`)
     and the backend `Publisher`: its author known and allowed, its body
-    valid and its lists read, `ingest_post.lua` keeps it."""
+    valid and its lists read, `ingest_post.lua` keeps it (`ingest_fanout.lua`
+    on a single server, which also writes it to its feeds)."""
 
     def __init__(self, client: AnyRedis, scripts: Scripts, settings: Settings, fast: AutoPipeline | None) -> None:
         self._redis = client
@@ -174,12 +176,12 @@ class Ingest:
             who = auth.checked_use(token_digest, await use)
             new = validate_new_post(await read_json(request), self._settings)
         except BaseException:
-            forget(members)
+            _forget(members)
             raise
         author = who.handle
         assert author is not None
         if hinted != author:
-            forget(members)
+            _forget(members)
             members = self._lists.read_memberships(author)
         assert members is not None
         return author, new, sorted_members(await members)
@@ -200,7 +202,7 @@ def _author_keys(author: str, shards: int) -> tuple[int, str, str]:
     return shard, keys.ingest_stream(shard), keys.post_record(shard, "")
 
 
-def forget(reply: Awaitable[Any] | None) -> None:
+def _forget(reply: Awaitable[Any] | None) -> None:
     """A reply no longer wanted: its error, if any, is not reported as unretrieved."""
     if isinstance(reply, asyncio.Future):
         reply.add_done_callback(_retrieve)

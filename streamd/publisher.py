@@ -1,6 +1,6 @@
 """Posting from a trusted backend straight through Redis, without HTTP.
 
-    async with Publisher.open("redis://10.0.0.5:6379/0") as publisher:
+    async with Publisher.open("redis://10.0.0.5/0") as publisher:
         post, created = await publisher.post("racing_desk", {"text": "Off!", "events": ["ascot-r3"]})
 
 A backend that already holds a Redis connection (a race-results importer, a
@@ -20,7 +20,7 @@ deployment: `Settings.from_env()` reads the same `STREAMD_*` variables.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,8 +29,8 @@ from streamd import keys, store
 from streamd.auth import valid_handle
 from streamd.autopipe import AutoPipeline
 from streamd.errors import NotFound
-from streamd.ingest import Acceptance, forget
-from streamd.lists import Lists, sorted_members
+from streamd.ingest import Acceptance
+from streamd.lists import Lists
 from streamd.posts import validate_new_post
 from streamd.settings import Settings
 from streamd.store import AnyRedis, Scripts
@@ -68,28 +68,15 @@ class Publisher:
         """The post as `POST /v1/posts` answers it, and whether it is new
         (False: an idempotent repeat of an earlier post by `author`)."""
         new = validate_new_post(body, self._settings)
-        if not valid_handle(author):
-            raise NotFound(f"no user {author!r}")
-        fast = self._fast
-        if fast is None:
-            if author not in self._known:
-                await self._check_author(self._redis.exists(keys.user(author)), author)
-            lists = await self._lists.memberships(author)
-        else:
-            # Both reads leave in one write; the lists are only used if the author exists.
-            members = self._lists.read_memberships(author)
-            if author not in self._known:
-                try:
-                    await self._check_author(fast.execute("EXISTS", keys.user(author)), author)
-                except BaseException:
-                    forget(members)
-                    raise
-            lists = sorted_members(await members)
-        return await self._acceptance.store(author, new, lists)
-
-    async def _check_author(self, exists: Awaitable[Any], author: str) -> None:
-        if not await exists:
-            raise NotFound(f"no user {author!r}")
-        if len(self._known) >= KNOWN_AUTHORS:
-            self._known.clear()
-        self._known.add(author)
+        if author not in self._known:
+            # Once per author: users are never deleted.
+            key = keys.user(author)
+            exists = valid_handle(author) and await (
+                self._fast.execute("EXISTS", key) if self._fast is not None else self._redis.exists(key)
+            )
+            if not exists:
+                raise NotFound(f"no user {author!r}")
+            if len(self._known) >= KNOWN_AUTHORS:
+                self._known.clear()
+            self._known.add(author)
+        return await self._acceptance.store(author, new, await self._lists.memberships(author))

@@ -48,6 +48,18 @@ async def history_ids(redis: aioredis.Redis, feed: str) -> list[str]:
     return [fields[b"pid"].decode() for _, fields in await redis.xrange(keys.feed_stream(feed))]
 
 
+async def two_processes(redis: aioredis.Redis, settings: Settings) -> tuple[Process, Process]:
+    """A first process that takes every shard, then a second that gets its share."""
+    first = Process(redis, settings, "first")
+    await until(lambda: first.book.held == set(range(SHARDS)), lambda: f"the only process holds every shard ({first.book.held})")
+    second = Process(redis, settings, "second")
+    await until(
+        lambda: len(first.book.held) == 2 and len(second.book.held) == 2,
+        lambda: f"two shards each (first {first.book.held}, second {second.book.held})",
+    )
+    return first, second
+
+
 async def test_shards_spread_over_processes_and_move_back_when_one_stops(
     redis: aioredis.Redis, settings: Settings
 ) -> None:
@@ -66,14 +78,7 @@ async def test_shards_spread_over_processes_and_move_back_when_one_stops(
             await asyncio.sleep(0.005)  # a steady trickle of posts while the leases move
 
     poster = asyncio.create_task(post_forever())
-    first = Process(redis, settings, "first")
-    await until(lambda: first.book.held == set(range(SHARDS)), lambda: f"the only process holds every shard ({first.book.held})")
-
-    second = Process(redis, settings, "second")
-    await until(
-        lambda: len(first.book.held) == 2 and len(second.book.held) == 2,
-        lambda: f"two shards each (first {first.book.held}, second {second.book.held})",
-    )
+    first, second = await two_processes(redis, settings)
     assert not first.book.held & second.book.held
 
     await second.close()
@@ -103,13 +108,7 @@ async def test_a_shard_whose_worker_hangs_is_taken_over_beyond_the_share(
     cancelled task): its shard is read again by the other process, even though
     that process already holds its share, and the balance is then restored."""
     settings = settings.replace(ingest_shards=SHARDS, claim_idle_ms=300)
-    first = Process(redis, settings, "first")
-    await until(lambda: first.book.held == set(range(SHARDS)), lambda: f"first holds every shard ({first.book.held})")
-    second = Process(redis, settings, "second")
-    await until(
-        lambda: len(first.book.held) == 2 and len(second.book.held) == 2,
-        lambda: f"two shards each (first {first.book.held}, second {second.book.held})",
-    )
+    first, second = await two_processes(redis, settings)
     victim = min(first.book.held)
     first.tasks[victim].cancel()  # stops without releasing: the lease and the book entry just expire
     await until(

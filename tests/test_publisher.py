@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from streamd import store
 from streamd.errors import BadRequest, NotFound
 from streamd.publisher import Publisher
 from streamd.settings import Settings
@@ -15,13 +16,16 @@ from tests.test_lists_e2e import make_list
 
 @pytest.fixture(params=["auto-pipelined", "redis-py"])
 async def publisher(request: pytest.FixtureRequest, redis_url: str, settings: Settings) -> Any:
-    async with Publisher.open(redis_url, settings) as pub:
-        if request.param == "redis-py":
-            # The path Cluster and wait_replicas take.
-            pub._fast = None
-            pub._lists._fast = None
-            pub._acceptance.fast = None
-        yield pub
+    if request.param == "auto-pipelined":
+        async with Publisher.open(redis_url, settings) as pub:
+            yield pub
+    else:
+        # No auto-pipeline: the path Cluster and wait_replicas take.
+        client = store.connect(redis_url, settings)
+        try:
+            yield Publisher(client, settings)
+        finally:
+            await store.close(client)
 
 
 async def test_a_published_post_reaches_the_author_list_and_event_feeds_once(

@@ -2,7 +2,7 @@
 -- then the fan-out worker's feed_append.lua do, in one call. For a single
 -- Redis server only (the feeds' keys are in other Cluster slots than the
 -- ingest shard's); the worker then only acknowledges the entry, which says
--- so (`n`). A post reaches its readers one round trip after it is sent.
+-- so (`n`: the number of feeds written, for its metrics). A post reaches its readers one round trip after it is sent.
 --
 -- KEYS[1] ingest stream      KEYS[2] idempotency hash (KEYS[1] again when unused)
 -- KEYS[3] post record key prefix (`...:post:`), completed here with the post id
@@ -21,8 +21,9 @@ local dead = KEYS[4]
 local author, body, lists = ARGV[1], ARGV[2], ARGV[3]
 local maxlen, fresh_epoch = tonumber(ARGV[9]), ARGV[10]
 
+local fanned = {'n', string.format('%d', (#KEYS - 4) / 3)}
 local reply, entry = accept_post(KEYS[1], KEYS[2], KEYS[3], author, body, lists, ARGV[4],
-  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), {'n', '1'})
+  tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), fanned)
 if not entry then
   return reply  -- a repeat: fanned out when first accepted
 end
@@ -47,6 +48,6 @@ if refused then
   -- As the worker does with an entry whose feed writes Redis refuses: the
   -- other feeds have it, the entry goes to the dead letters.
   redis.call('XADD', dead, 'MAXLEN', '~', 10000, '*', 'entry', entry,
-    'reason', 'redis refused its feed writes: ' .. refused, 'a', author, 'd', body, 'l', lists, 'n', '1')
+    'reason', 'redis refused its feed writes: ' .. refused, 'a', author, 'd', body, 'l', lists, unpack(fanned))
 end
 return reply
