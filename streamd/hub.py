@@ -296,12 +296,16 @@ class Hub:
         filters = st.filters
         over = False
         skipped = 0
-        for conn in readers:
-            if filters and conn in filters:
+        if filters:
+            # Readers that went live after replaying past `entry` already have it.
+            for conn in [c for c in filters if c in readers]:
                 if entry <= filters[conn]:
                     skipped += 1
-                    continue
-                del filters[conn]
+                else:
+                    del filters[conn]
+        for conn in readers:
+            if skipped and conn in filters and entry <= filters[conn]:
+                continue
             conn.pending.append(frame)
             conn.pending_bytes += n
             if conn.pending_bytes > limit:
@@ -345,9 +349,25 @@ class Hub:
     def _flush(self) -> None:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
+        limit = self._limit
+        now = self._loop.time()
         for conn in dirty:
+            # write_now, inlined: this loop runs once per socket per post.
             conn.dirty = False
-            self.write_now(conn)
+            pending = conn.pending
+            if conn.closed or not pending:
+                continue
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            conn.pending_bytes = 0
+            transport = conn.transport
+            if transport.is_closing():
+                self.kill(conn, CloseCode.GOING_AWAY)
+                continue
+            transport.write(data)
+            conn.last_write = now
+            if transport.get_write_buffer_size() > limit:
+                self.kill(conn, CloseCode.TOO_SLOW)
         if self._posted:
             posted, self._posted = self._posted, []
             wall_ms = time.time() * 1000
