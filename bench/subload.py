@@ -43,20 +43,26 @@ from bench.wsclient import WSClient, connect
 log = logging.getLogger("bench.subload")
 Reply = dict[str, Any]
 
+PARSE_CHUNK = 20_000  # frames read between two turns of the loop after a step
+MAX_RAW = 4_000_000  # frames kept unread at most (~1 GB)
+
 PATHS = {"streamd": "/v1/ws", "socketio": "/socket.io/?EIO=4&transport=websocket", "channels": "/ws/"}
 
 
 class Sub:
     """One subscriber: its feed, its deliveries by post (`counts[seq // feeds]`), its live socket."""
 
-    __slots__ = ("client", "counts", "cursor", "feed", "feed_field", "index", "live", "live_at", "retries", "state")
+    __slots__ = (
+        "client", "counts", "cursor", "feed", "feed_field", "index", "last", "live", "live_at", "retries", "state",
+    )
 
     def __init__(self, index: int, feed: int) -> None:
         self.index = index
         self.feed = feed
         self.feed_field = b'"feed":"' + feed_name(feed).encode() + b'"'  # as every engine's item has it
         self.counts = bytearray()
-        self.cursor: str | None = None
+        self.cursor: str | None = None  # from `subscribed`, until a post is seen
+        self.last: bytes | None = None  # the last post frame: its cursor is where a reconnect resumes
         self.client: WSClient | None = None
         self.live: asyncio.Future[None] | None = None
         self.live_at = 0
@@ -74,12 +80,22 @@ class Load:
         self.seqs = array("q")
         self.sched = array("q")
         self.recv = array("q")
+        # Post frames as received, read after the step (`_parse`): while posts
+        # flow, a frame costs an append or three, not a parse.
+        self.raw: list[bytes] = []
+        self.raw_t = array("q")
+        self.raw_sub: list[Sub] = []
+        self.raw_kind = 0  # 0: a JSON item; 2: a Socket.IO `42[...]` event
+        self._bound: asyncio.Task[None] | None = None
         self.unexpected: Counter[str] = Counter()
         self.closed: Counter[str] = Counter()
         self.loop_lag = LoopLag()
 
     async def close(self) -> None:
         await self.loop_lag.stop()
+        if self._bound is not None:
+            self._bound.cancel()
+            await asyncio.gather(self._bound, return_exceptions=True)
         for s in self.subs:
             if s.client is not None:
                 s.client.abort()
@@ -94,7 +110,6 @@ class Load:
         if frame["feed"] != feed_name(sub.feed) or seq % feeds != sub.feed:
             self.unexpected["misrouted"] += 1
             return
-        sub.cursor = frame.get("cursor")
         self._count(sub, seq, int(sched_s), t)
 
     def _count(self, sub: Sub, seq: int, scheduled: int, t: int) -> None:
@@ -109,9 +124,9 @@ class Load:
         self.sched.append(scheduled)
         self.recv.append(t)
 
-    def _deliver_bytes(self, sub: Sub, data: bytes, t: int, cursor: bool) -> bool:
+    def _deliver_bytes(self, sub: Sub, data: bytes, t: int) -> bool:
         """`_deliver` for an item found in the frame's bytes, without decoding
-        it (the load generator's CPU is the ceiling of every run); False if
+        it (a step leaves hundreds of thousands to read); False if
         the bytes are not shaped as expected, for the caller to decode."""
         start = data.find(b'"text":"')
         if start < 0:
@@ -128,29 +143,68 @@ class Load:
         if seq % feeds != sub.feed:
             self.unexpected["misrouted"] += 1
             return True
-        if cursor:
-            at = data.find(b'"cursor":"')
-            if at >= 0:
-                at += 10
-                sub.cursor = data[at : data.find(b'"', at)].decode()
         self._count(sub, seq, int(data[space + 1 : end]), t)
         return True
+
+    def _parse_some(self, limit: int) -> int:
+        """Account for up to `limit` of the frames kept raw, oldest first; how many."""
+        raw, raw_t, raw_sub = self.raw, self.raw_t, self.raw_sub
+        k = min(limit, len(raw))
+        deliver, deliver_bytes, loads = self._deliver, self._deliver_bytes, orjson.loads
+        skip = self.raw_kind
+        for i in range(k):
+            sub, data, t = raw_sub[i], raw[i], raw_t[i]
+            if not deliver_bytes(sub, data, t):
+                event = loads(data[skip:])
+                deliver(sub, event[1] if skip else event, t)
+        del raw[:k], raw_t[:k], raw_sub[:k]
+        return k
+
+    async def _parse(self) -> None:
+        """Account for every frame kept raw, yielding to the loop now and then
+        (Socket.IO pings must still be answered)."""
+        while self._parse_some(PARSE_CHUNK):
+            await asyncio.sleep(0)
+
+    async def _keep_bounded(self) -> None:
+        """Frames kept raw stay under MAX_RAW: past it they are read at once
+        (only a step far beyond any rate here gets there)."""
+        while True:
+            await asyncio.sleep(1)
+            if len(self.raw) > MAX_RAW:
+                await self._parse()
+
+    def cursor(self, sub: Sub) -> str | None:
+        """Where `sub` resumes: the cursor of the last post it read, else of its `subscribed`."""
+        last = sub.last
+        if last is None:
+            return sub.cursor
+        at = last.find(b'"cursor":"')
+        if at < 0:
+            return orjson.loads(last).get("cursor")  # type: ignore[no-any-return]
+        at += 10
+        return last[at : last.find(b'"', at)].decode()
 
     def _on_text(self, sub: Sub) -> Callable[[bytes], None]:
         now = time.monotonic_ns
         loads = orjson.loads
-        deliver = self._deliver
-        deliver_bytes = self._deliver_bytes
         unexpected = self.unexpected
+        keep, keep_t, keep_sub = self.raw.append, self.raw_t.append, self.raw_sub.append
 
         def streamd(data: bytes) -> None:
-            t = now()
-            if data[:12] == b'{"op":"post"' and deliver_bytes(sub, data, t, True):
+            if data[:12] == b'{"op":"post"':
+                keep_t(now())
+                keep(data)
+                keep_sub(sub)
+                sub.last = data
                 return
             frame = loads(data)
             op = frame.get("op")
-            if op == "post":
-                deliver(sub, frame, t)
+            if op == "post":  # another spelling: read after the step like the others
+                keep_t(now())
+                keep(data)
+                keep_sub(sub)
+                sub.last = data
             elif op == "subscribed":
                 if sub.cursor is None:
                     sub.cursor = frame.get("cursor")
@@ -164,13 +218,17 @@ class Load:
                 unexpected[f"op:{op}"] += 1
 
         def socketio(data: bytes) -> None:
-            t = now()
-            if data[:9] == b'42["post"' and deliver_bytes(sub, data, t, False):
+            if data[:9] == b'42["post"':
+                keep_t(now())
+                keep(data)
+                keep_sub(sub)
                 return
             if data[:2] == b"42":
                 event = loads(data[2:])
                 if event[0] == "post":
-                    deliver(sub, event[1], t)
+                    keep_t(now())
+                    keep(data)
+                    keep_sub(sub)
                 else:
                     unexpected[f"event:{event[0]}"] += 1
             elif data == b"2":
@@ -190,13 +248,17 @@ class Load:
                 unexpected[f"eio:{data[:2]!r}"] += 1
 
         def channels(data: bytes) -> None:
-            t = now()
-            if data[:12] == b'{"op":"post"' and deliver_bytes(sub, data, t, False):
+            if data[:12] == b'{"op":"post"':
+                keep_t(now())
+                keep(data)
+                keep_sub(sub)
                 return
             frame = loads(data)
             op = frame.get("op")
             if op == "post":
-                deliver(sub, frame, t)
+                keep_t(now())
+                keep(data)
+                keep_sub(sub)
             elif op == "joined":
                 _set_live(sub)
             else:
@@ -208,8 +270,9 @@ class Load:
         if sub.client is None or sub.client.transport is None or sub.client.transport.is_closing():
             return
         request: dict[str, Any] = {"op": "subscribe", "ref": sub.index, "feed": feed_name(sub.feed)}
-        if sub.cursor is not None:
-            request["cursor"] = sub.cursor
+        cursor = self.cursor(sub)
+        if cursor is not None:
+            request["cursor"] = cursor
         sub.client.send_text(orjson.dumps(request))
 
     def _on_close(self, sub: Sub) -> Callable[[WSClient], None]:
@@ -242,6 +305,7 @@ class Load:
     async def open(self, cmd: dict[str, Any]) -> Reply:
         """Connect and join every assigned subscriber, `concurrency` at a time."""
         self.engine = cmd["engine"]
+        self.raw_kind = 2 if self.engine == "socketio" else 0
         self.host, self.port = cmd["host"], cmd["port"]
         self.feeds = cmd["feeds"]
         gate = asyncio.Semaphore(cmd["concurrency"])
@@ -259,6 +323,8 @@ class Load:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self.loop_lag.start()
+        if self._bound is None:
+            self._bound = asyncio.create_task(self._keep_bounded())
         return {"ok": True, "opened": len(subs), "seconds": round(time.monotonic() - began, 3)}
 
     async def storm(self, cmd: dict[str, Any]) -> Reply:
@@ -313,16 +379,21 @@ class Load:
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cmd["max_wait_s"]
-        last_n, last_change = len(self.seqs), loop.time()
+        # Frames are read (`_parse`) once they have all come, or stopped coming:
+        # reading them while some are still in flight would delay those.
+        last_n, last_change = len(self.seqs) + len(self.raw), loop.time()
         while loop.time() < deadline:
-            n = len(self.seqs)
+            n = len(self.seqs) + len(self.raw)
             if n != last_n:
                 last_n, last_change = n, loop.time()
             elif loop.time() - last_change >= cmd["quiet_s"]:
                 break
-            if n >= expected and self._received(lo, hi) >= expected:
-                break
+            if n >= expected:
+                await self._parse()
+                if self._received(lo, hi) >= expected:
+                    break
             await asyncio.sleep(0.05)
+        await self._parse()
 
         latencies: list[int] = []
         seconds: list[int] = []

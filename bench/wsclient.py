@@ -96,16 +96,29 @@ class WSClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        if self._upgraded and not buf and len(data) >= 2 and data[0] == 0x81:
-            # Most reads are one whole unfragmented text frame: no buffering.
-            length = data[1]
-            if length < 126:
-                if len(data) == 2 + length:
-                    self.on_text(data[2:])
-                    return
-            elif length == 126 and len(data) >= 4 and len(data) == 4 + ((data[2] << 8) | data[3]):
-                self.on_text(data[4:])
+        if self._upgraded and not buf:
+            # Most reads are whole unfragmented text frames, one or a few: read
+            # them from `data` as it is; only what is left goes to the buffer.
+            pos, n = 0, len(data)
+            on_text = self.on_text
+            while n - pos >= 2 and data[pos] == 0x81:
+                length = data[pos + 1]
+                if length < 126:
+                    start = pos + 2
+                elif length == 126 and n - pos >= 4:
+                    length = (data[pos + 2] << 8) | data[pos + 3]
+                    start = pos + 4
+                else:
+                    break
+                end = start + length
+                if end > n:
+                    break
+                on_text(data[start:end])
+                pos = end
+            if pos == n:
                 return
+            if pos:
+                data = data[pos:]
         buf += data
         if not self._upgraded:
             end = buf.find(b"\r\n\r\n")
