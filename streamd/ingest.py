@@ -32,6 +32,7 @@ from aiohttp import web
 from streamd import keys
 from streamd.auth import USER_TOKEN_PREFIX, Auth
 from streamd.autopipe import AutoPipeline
+from streamd.errors import Unavailable
 from streamd.feeds import expand
 from streamd.http_base import read_json
 from streamd.lists import Lists, sorted_members
@@ -39,6 +40,13 @@ from streamd.metrics import Metrics
 from streamd.posts import NewPost, build_post, ingest_shard, validate_new_post
 from streamd.settings import Settings
 from streamd.store import AnyPipeline, AnyRedis, Replicas, Scripts, is_cluster
+
+# The accepting script's answer when the lists it was given are not the author's now.
+STALE_LISTS = -1
+# Tries with the lists the script answered before giving up (503): memberships
+# that change between every two round trips.
+LISTS_ATTEMPTS = 3
+LISTS_SEEN = 65_536  # authors whose last lists are remembered (`lists_seen`)
 
 
 class Acceptance:
@@ -59,27 +67,58 @@ class Acceptance:
         self._script = scripts.ingest_fanout if self._direct else scripts.ingest_post
         self._scripts = scripts
         self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret
+        self._lists_seen: dict[str, list[str]] = {}
+
+    @property
+    def checks_lists(self) -> bool:
+        """Whether the accepting script checks the lists it is given against the
+        author's lists now (one server): `store` then needs no fresh read."""
+        return self._direct
+
+    def lists_seen(self, author: str) -> list[str] | None:
+        """The author's lists at their last post here, if `checks_lists`."""
+        return self._lists_seen.get(author)
 
     async def store(self, author: str, new: NewPost, lists: list[str]) -> tuple[dict[str, Any], bool]:
-        """The post kept, and whether it is new (False: an idempotent repeat)."""
+        """The post kept, and whether it is new (False: an idempotent repeat).
+        With `checks_lists`, lists the author is no longer exactly in are
+        refused by the script, which answers with the right ones: it runs
+        again with those."""
+        for _ in range(LISTS_ATTEMPTS):
+            reply = await self._run(author, new, lists)
+            if reply[0] != STALE_LISTS:
+                break
+            lists = sorted_members(reply[1])
+        else:
+            raise Unavailable("the author's lists kept changing while the post was accepted; try again")
+        if self._direct:
+            seen = self._lists_seen
+            if len(seen) >= LISTS_SEEN and author not in seen:
+                seen.clear()
+            seen[author] = lists
+        created, post_id, body_json = reply
+        if created and self.fast is not None:
+            # The body stored is the one sent: no need to parse it back.
+            post_id = post_id.decode()
+            return {
+                "id": post_id,
+                "author": author,
+                "text": new.text,
+                "events": new.events,
+                "media": new.media,
+                "created_at": int(post_id.partition("-")[0]),
+            }, True
+        return build_post(post_id.decode(), author, body_json), bool(created)
+
+    async def _run(self, author: str, new: NewPost, lists: list[str]) -> Any:
+        """The accepting script's reply."""
         script_keys, script_args = self._arguments(author, new, lists)
         scripts = self._scripts
         fast = self.fast
         if fast is not None:
             script = self._script
-            created, post_id, body_json = await fast.evalsha(script.sha, script.text, script_keys, script_args)
-            if created:
-                # The body stored is the one sent: no need to parse it back.
-                post_id = post_id.decode()
-                return {
-                    "id": post_id,
-                    "author": author,
-                    "text": new.text,
-                    "events": new.events,
-                    "media": new.media,
-                    "created_at": int(post_id.partition("-")[0]),
-                }, True
-        elif self._settings.wait_replicas:
+            return await fast.evalsha(script.sha, script.text, script_keys, script_args)
+        if self._settings.wait_replicas:
             # Accepted means on the replicas too: a failover right after the 201
             # cannot lose the post. Else 503, and a retry with the same
             # idempotency key answers with the post if it was kept after all.
@@ -94,10 +133,8 @@ class Acceptance:
             if isinstance(reply, Exception):
                 raise reply
             wait.check(waited)
-            created, post_id, body_json = reply
-        else:
-            created, post_id, body_json = await self._script(keys=script_keys, args=script_args)
-        return build_post(post_id.decode(), author, body_json), bool(created)
+            return reply
+        return await self._script(keys=script_keys, args=script_args)
 
     def _arguments(self, author: str, new: NewPost, lists: list[str]) -> tuple[list[Any], list[Any]]:
         """KEYS and ARGV of ingest_post.lua, or of ingest_fanout.lua (which adds the feeds')."""
@@ -117,7 +154,7 @@ class Acceptance:
             settings.ingest_shards,
         ]
         if self._direct:
-            script_keys.append(keys.dead_letter_stream(shard))
+            script_keys += (keys.dead_letter_stream(shard), keys.member_of(author))
             script_args += (settings.feed_history_len, f"{self._random.getrandbits(32):08x}")
             for feed in feeds:
                 script_keys += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))

@@ -7,8 +7,10 @@ A backend that already holds a Redis connection (a race-results importer, a
 CMS) publishes the way python-socketio's write-only manager or socket.io's
 Redis emitter do: no token, no per-minute budget, no HTTP round trip. The rest
 is `POST /v1/posts` exactly: the same body validation (`BadRequest` with the
-same messages), the author's lists read at accept time, and the same
-`ingest_post.lua` (`ingest.Acceptance`), so the post is stored, fanned out,
+same messages), the author's lists as they are when the post is accepted,
+and the same `ingest_post.lua` (`ingest.Acceptance`; on one server
+`ingest_fanout.lua`, which checks the lists remembered from the author's last
+post: one round trip a post), so the post is stored, fanned out,
 deduplicated by its idempotency key and deletable like any other. The author
 must be a user (`NotFound` otherwise).
 
@@ -79,4 +81,10 @@ class Publisher:
             if len(self._known) >= KNOWN_AUTHORS:
                 self._known.clear()
             self._known.add(author)
-        return await self._acceptance.store(author, new, await self._lists.memberships(author))
+        acceptance = self._acceptance
+        lists = acceptance.lists_seen(author) if acceptance.checks_lists else None
+        if lists is None:
+            lists = await self._lists.memberships(author)
+        # Remembered lists cost no round trip: the accepting script checks them
+        # against the author's lists now and answers with those if they differ.
+        return await acceptance.store(author, new, lists)

@@ -88,3 +88,49 @@ async def test_bad_posts_and_unknown_authors_are_refused_with_the_http_errors(
     # Nothing of the refused posts was kept.
     status, body = await api.call("GET", "/v1/feeds/user:jane/items")
     assert status == 200 and body["items"] == []
+
+
+
+async def test_posts_follow_the_lists_the_author_is_in_when_each_is_accepted(
+    api: Api, ws_connect: Any, publisher: Publisher
+) -> None:
+    # On one server the publisher remembers an author's lists and the accepting
+    # script checks them: a membership changed since the last post must win.
+    fan = await api.user("fan")
+    await api.user("jane")
+    jockeys = await make_list(api, fan, name="Jockeys")
+    trainers = await make_list(api, fan, name="Trainers")
+    await api.call("PUT", f"/v1/lists/{jockeys['id']}/members/jane", None, fan)
+    ws = await ws_connect()
+    for feed in ("user:jane", f"list:{jockeys['id']}", f"list:{trainers['id']}"):
+        await ws.subscribe(feed)
+    markers: set[str] = set()
+
+    async def delivered(text: str) -> list[str]:
+        """The list feeds a post by jane reached: its frames come before the
+        next post's frame in her own feed (one socket, publish order)."""
+        post, _ = await publisher.post("jane", {"text": text})
+        marker, _ = await publisher.post("jane", {"text": f"after {text}"})
+        markers.add(marker["id"])
+        feeds = []
+        while True:
+            frame = await ws.recv()
+            assert frame["op"] == "post", frame
+            if frame["post"]["id"] == marker["id"] and frame["feed"] == "user:jane":
+                return feeds
+            if frame["post"]["id"] in markers:
+                continue  # the previous marker in the lists it reached
+            assert frame["post"]["id"] == post["id"], frame
+            if frame["feed"] != "user:jane":
+                feeds.append(frame["feed"])
+
+    assert await delivered("one list") == [f"list:{jockeys['id']}"]
+    # Moved: out of one list, into the other, between two posts.
+    await api.call("DELETE", f"/v1/lists/{jockeys['id']}/members/jane", None, fan)
+    await api.call("PUT", f"/v1/lists/{trainers['id']}/members/jane", None, fan)
+    assert await delivered("moved") == [f"list:{trainers['id']}"]
+    await api.call("PUT", f"/v1/lists/{jockeys['id']}/members/jane", None, fan)
+    assert sorted(await delivered("both")) == sorted(f"list:{lst['id']}" for lst in (jockeys, trainers))
+    await api.call("DELETE", f"/v1/lists/{jockeys['id']}/members/jane", None, fan)
+    await api.call("DELETE", f"/v1/lists/{trainers['id']}/members/jane", None, fan)
+    assert await delivered("none") == []
