@@ -8,6 +8,7 @@ as opaque. `0.0-0` is the head of a feed that has no history yet.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -88,12 +89,31 @@ class Handoff:
     """
 
     last: EntryId = ZERO
-    held: list[tuple[EntryId, bytes]] = field(default_factory=list)
-    held_bytes: int = 0
+    held: deque[tuple[EntryId, bytes]] = field(default_factory=deque)
+    held_bytes: int = 0  # of the items still held, not of those taken
+    peak: int = 0  # the most bytes `hold_within` ever held at once
+    dropped: int = 0  # items `hold_within` let go
 
     def hold(self, entry: EntryId, payload: bytes) -> None:
         self.held.append((entry, payload))
         self.held_bytes += len(payload)
+
+    def hold_within(self, entry: EntryId, payload: bytes, bound: int) -> int:
+        """Hold a live item unless that takes the held bytes past `bound`:
+        then let go of every held item and this one. The number let go (0:
+        held). Only for items that are in the history before they are live:
+        the caller reads the ones let go from there, after `last`."""
+        size = self.held_bytes + len(payload)
+        if size <= bound:
+            self.held.append((entry, payload))
+            self.held_bytes = size
+            self.peak = max(self.peak, size)
+            return 0
+        n = len(self.held) + 1
+        self.dropped += n
+        self.held.clear()
+        self.held_bytes = 0
+        return n
 
     def replayed(self, entry: EntryId) -> bool:
         """Record a replayed entry; False if it was already delivered."""
@@ -107,12 +127,15 @@ class Handoff:
         return [payload for _, payload in self.take_held()]
 
     def take_held(self) -> Iterator[tuple[EntryId, bytes]]:
-        """The held live items that come after the replay, in order, then none
-        held. Items held while the caller is between two of them come too (the
-        list is read as it grows), so a caller may await in its loop."""
-        for entry, payload in self.held:
+        """The held live items that come after the replay, in order, each
+        taken out as it comes. Items held while the caller is between two of
+        them come too, so a caller may await in its loop; one that lets items
+        go meanwhile (`hold_within`) must stop and read the history first:
+        the next held item follows a gap."""
+        held = self.held
+        while held:
+            entry, payload = held.popleft()
+            self.held_bytes -= len(payload)
             if entry > self.last:
                 self.last = entry
                 yield entry, payload
-        self.held.clear()
-        self.held_bytes = 0

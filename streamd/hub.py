@@ -44,6 +44,12 @@ _POST_ID = b'"post":{"id":"'
 # history before closing it 4008: the feed's live items are held meanwhile.
 RESYNC_DRAIN_SECONDS = 5.0
 RESYNC_ATTEMPTS = 5
+# Passes a refill may read the history again (its held live items passed the
+# socket bound and were let go, or the live stream broke again) before it
+# closes the feed's readers to resume from their cursors. Each pass reads what
+# came live during the one before, so passes shrink while the readers take
+# items faster than the feed gets them; one that gets them faster never ends.
+RESYNC_PASSES = 5
 
 
 def _created_at(payload: bytes) -> int | None:
@@ -234,7 +240,14 @@ class Hub:
         entry = (int(ms), int(seq))
         payload = data[space + 1 :]
         if st.resync is not None:
-            st.resync.hold(entry, payload)
+            # Held within one socket's bound: the items go to sockets of that
+            # bound. Past it they are let go: the feed script publishes each
+            # item right after its XADD, so the refill finds them in the
+            # history, after `resync.last`, when it reads it once more.
+            dropped = st.resync.hold_within(entry, payload, self._limit)
+            if dropped:
+                st.again = True
+                self.metrics.refill_dropped.inc(dropped)
         elif entry > st.last:
             st.last = entry
             self._deliver(st, entry, payload)
@@ -571,13 +584,14 @@ class Hub:
 
     async def _resync(self, st: FeedState) -> None:
         assert st.resync is not None
+        caught_up = False
         try:
             # One feed at a time: the refills of the feeds one reader follows
             # all go to its one socket, and each paces only what it queues.
             async with self._refilling:
                 for attempt in range(RESYNC_ATTEMPTS):
                     try:
-                        await self._refill(st)
+                        caught_up = await self._refill(st)
                         break
                     except TRANSIENT_ERRORS:
                         # A pooled connection that died with the old Redis fails
@@ -586,26 +600,41 @@ class Hub:
                         if attempt == RESYNC_ATTEMPTS - 1:
                             raise
                         await asyncio.sleep(0.05 * 2**attempt)
-                await self._release_held(st)
+            if not caught_up:
+                log.warning(
+                    "refill of %s read its history %d times without catching up with its live items;"
+                    " its subscribers are closed to resume",
+                    st.feed,
+                    RESYNC_PASSES + 1,
+                )
         except Exception:
             log.exception("resync of %s failed; its subscribers are closed to resume", st.feed)
-            for conn in [*st.live, *st.sse]:
-                self.kill(conn, CloseCode.GOING_AWAY)
         finally:
+            # Nothing is held once the refill caught up. Otherwise what is
+            # held may follow a gap: it is let go, for the history to give it
+            # to the readers that resume.
             handoff, st.resync = st.resync, None
             if handoff is not None:
-                for held_id, payload in handoff.take_held():  # none left when _release_held ran
-                    self._deliver(st, held_id, payload)
                 st.last = max(st.last, handoff.last)
+        if not caught_up:
+            # Each resumes from its own cursor (1001): what it was sent before
+            # the close has no gap. Readers still replaying go too: their
+            # handoffs lack what the refill did not deliver.
+            for conn in [*st.live, *st.sse, *st.syncing]:
+                self.kill(conn, CloseCode.GOING_AWAY)
 
-    async def _release_held(self, st: FeedState) -> None:
+    async def _release_held(self, st: FeedState, queued: int) -> int:
         """The live items held during the refill, paced like it; the ones that
-        arrive meanwhile are held too and go out in this same loop."""
+        arrive meanwhile are held too and go out in this same loop. Stops when
+        the history must be read first (`st.again`): the next held item may
+        follow a gap. Returns the bytes queued since the last drain."""
         assert st.resync is not None
-        queued = 0
         for held_id, payload in st.resync.take_held():
             self._deliver(st, held_id, payload)
             queued = await self._pace(st, queued + len(payload))
+            if st.again:
+                break
+        return queued
 
     async def _pace(self, st: FeedState, queued: int) -> int:
         """Bytes queued to the feed's readers since they were last drained, after
@@ -616,12 +645,15 @@ class Hub:
         await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
         return 0
 
-    async def _refill(self, st: FeedState) -> None:
-        """Deliver the feed's history after the handoff's `last`, page by page, paced."""
+    async def _refill(self, st: FeedState) -> bool:
+        """Deliver the feed's history after the handoff's `last`, page by page,
+        paced, then the live items held meanwhile. Reads the history once more
+        whenever `st.again` was set meanwhile; False when it still is after
+        RESYNC_PASSES more passes."""
         assert st.resync is not None
         snap = await history.snapshot(self.redis, st.feed, 1)
         queued = 0
-        while True:
+        for _ in range(1 + RESYNC_PASSES):
             st.again = False
             after = st.resync.last
             while True:
@@ -636,4 +668,9 @@ class Hub:
                 if len(entries) < self._settings.replay_page:
                     break
             if not st.again:
-                break
+                # Nothing was let go or missed while the history was read: the
+                # held items follow it with no gap.
+                queued = await self._release_held(st, queued)
+                if not st.again:
+                    return True
+        return False

@@ -76,6 +76,12 @@ class Metrics:
         self.live_reconnects = Counter(
             "streamd_live_reconnects", "Connections of the live (pub/sub) Redis connection after a loss", registry=r
         )
+        self.refill_dropped = Counter(
+            "streamd_refill_dropped_items",
+            "Live items a feed refilling after a live reconnect let go at socket_buffer_bytes held,"
+            " to read them from its history instead; once per process, not per reader",
+            registry=r,
+        )
         self.posts_accepted = Counter(
             "streamd_posts_accepted", "Posts accepted by POST /v1/posts (201), idempotent repeats excluded", registry=r
         )

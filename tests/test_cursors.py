@@ -49,7 +49,7 @@ def test_handoff_drops_live_items_already_replayed() -> None:
         h.hold((n, 0), b"live%d" % n)
     assert [h.replayed((n, 0)) for n in (1, 2, 3)] == [True, True, True]
     assert h.release() == [b"live4", b"live5"]
-    assert h.last == (5, 0) and h.held == [] and h.held_bytes == 0
+    assert h.last == (5, 0) and not h.held and h.held_bytes == 0
     assert not h.replayed((5, 0))
 
 
@@ -59,3 +59,39 @@ def test_handoff_with_nothing_replayed_passes_everything_after_head() -> None:
     h.hold((2, 0), b"b")
     h.replayed((1, 0))  # the head at subscribe time
     assert h.release() == [b"b"]
+
+
+@pytest.mark.parametrize("sizes, bound, dropped", [((4, 4, 2), 10, 0), ((4, 4, 3), 10, 3), ((11,), 10, 1)])
+def test_handoff_holds_within_a_bound_or_lets_everything_go(sizes: tuple[int, ...], bound: int, dropped: int) -> None:
+    h = Handoff()
+    answers = [h.hold_within((n, 0), b"x" * size, bound) for n, size in enumerate(sizes, 1)]
+    assert answers == [0] * (len(sizes) - 1) + [dropped]
+    if dropped:
+        assert not h.held and h.held_bytes == 0 and h.dropped == dropped
+    else:
+        assert len(h.held) == len(sizes) and h.held_bytes == sum(sizes) and h.dropped == 0
+    assert h.peak <= bound
+
+
+def test_handoff_after_letting_go_holds_anew_within_the_bound() -> None:
+    h = Handoff(last=(1, 0))
+    for n in (2, 3, 4):
+        assert h.hold_within((n, 0), b"abcd", 10) == (3 if n == 4 else 0)
+    assert h.hold_within((5, 0), b"abcd", 10) == 0  # the refill reads 2..4 from the history
+    assert [h.replayed((n, 0)) for n in (2, 3, 4, 5)] == [True, True, True, True]
+    assert h.release() == []  # 5 came from the history too
+    assert h.hold_within((6, 0), b"abcdefghij", 10) == 0  # the bytes taken out no longer count
+    assert (h.peak, h.dropped) == (10, 3)
+
+
+def test_handoff_take_held_takes_items_out_as_they_come() -> None:
+    h = Handoff()
+    for n in (1, 2):
+        h.hold((n, 0), b"ab")
+    taken = []
+    for entry, payload in h.take_held():
+        taken.append(entry)
+        assert h.held_bytes == 2 * len(h.held)  # only what is still held counts
+        if entry == (1, 0):
+            h.hold((3, 0), b"ab")  # held while the caller is between two items
+    assert taken == [(1, 0), (2, 0), (3, 0)] and h.last == (3, 0) and not h.held
