@@ -86,6 +86,15 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+def metrics_app(metrics: Metrics) -> web.Application:
+    """`/metrics` and `/healthz` alone, for a port of their own (`Settings.metrics_port`)."""
+    app = web.Application(middlewares=[errors_middleware])
+    app[METRICS] = metrics
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
 def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ from typing import Any
 from aiohttp import web
 
 from streamd import __version__, logs, store, tail
-from streamd.app import make_app
+from streamd.app import METRICS, make_app, metrics_app
 from streamd.embedded import EmbeddedError, EmbeddedRedis
 from streamd.fanout import FanoutWorker, LeaseBook
 from streamd.gcpolicy import frozen_heap
+from streamd.metrics import Metrics
 from streamd.settings import Settings
 from streamd.supervisor import READY, SharedPort, Supervisor
 
@@ -37,6 +39,11 @@ def _add_common(p: argparse.ArgumentParser, *, http: bool, redis_required: bool)
     what = "gateways sharing the port" if http else "fan-out workers"
     p.add_argument(
         "--workers", type=int, help=f"processes ({what}), restarted when they crash (STREAMD_WORKERS, default 1)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve /metrics on this port, + i for worker i of --workers (STREAMD_METRICS_PORT, default 0: off)",
     )
     if http:
         # Given by the supervisor to its workers (supervisor.py).
@@ -103,9 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers < 1:
         print(f"streamd {args.command}: --workers must be at least 1", file=sys.stderr)
         return 2
+    if not 0 <= settings.metrics_port <= 65535:
+        print(f"streamd {args.command}: --metrics-port must be 0 (off) to 65535", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         return _run_loop(supervise(args.command, settings, argv))
-    return _run_loop(commands[args.command](settings, listen))
+    try:
+        return _run_loop(commands[args.command](settings, listen))
+    except ListenError as err:
+        print(f"streamd {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 def _run_client(args: argparse.Namespace) -> int:
@@ -142,6 +156,36 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
+class ListenError(RuntimeError):
+    """A port this process was asked to serve on and could not bind: a start-up error, not a crash."""
+
+
+@contextlib.asynccontextmanager
+async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[str | None]:
+    """`metrics_app` on `metrics_port` + this process's worker index; its URL, None when off.
+
+    Bound before the process says it is ready, so that under the supervisor a
+    port in use is a failed start (given up after a few), not a crash loop.
+    """
+    if not settings.metrics_port:
+        yield None
+        return
+    # Set by the supervisor for each of its workers (supervisor.py); absent for a lone process.
+    port = settings.metrics_port + int(os.environ.get("STREAMD_WORKER_INDEX") or 0)
+    runner = web.AppRunner(metrics_app(metrics), handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, settings.host, port).start()
+        except (OSError, OverflowError) as err:
+            reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
+            where = f"{settings.host}:{port} (--metrics-port, STREAMD_METRICS_PORT)"
+            raise ListenError(f"cannot serve /metrics on {where}: {reason}") from None
+        yield f"http://{settings.host}:{port}/metrics"
+    finally:
+        await runner.cleanup()
+
+
 def admin_token_for(settings: Settings) -> str:
     """STREAMD_ADMIN_TOKEN, else the one kept in the data dir (made on first start)."""
     if settings.admin_token:
@@ -163,22 +207,32 @@ async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
-        site: web.TCPSite | web.SockSite
-        if listen.fd is not None:
-            site = web.SockSite(runner, socket.socket(fileno=listen.fd))
-        else:
-            site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_port=listen.reuse_port or None)
-        await site.start()
-        host, port = _bound(site, settings)
-        url = f"http://{host}:{port}"
-        print(f"streamd {__version__} listening on {url}", flush=True)
-        if not (listen.reuse_port or listen.fd is not None):  # else a worker: the supervisor says the rest
-            print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
-            for line in lines:
-                print(f"  {line}", flush=True)
-        async with frozen_heap(settings.gc_full_collect_seconds):
-            await stop.wait()
-        print("streamd: stopping (closing sockets with 1001, finishing the fan-out batch)", flush=True)
+        # Inside the app's runner: the scrape samples the hub, which the runner's cleanup closes.
+        async with metrics_server(settings, app[METRICS]) as metrics_url:
+            site: web.TCPSite | web.SockSite
+            if listen.fd is not None:
+                site = web.SockSite(runner, socket.socket(fileno=listen.fd))
+            else:
+                site = web.TCPSite(
+                    runner, settings.host, settings.port, backlog=1024, reuse_port=listen.reuse_port or None
+                )
+            try:
+                await site.start()
+            except OSError as err:
+                reason = os.strerror(err.errno) if err.errno else str(err)
+                raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+            host, port = _bound(site, settings)
+            url = f"http://{host}:{port}"
+            print(f"streamd {__version__} listening on {url}", flush=True)
+            if not (listen.reuse_port or listen.fd is not None):  # else a worker: the supervisor says the rest
+                print(f"  WebSocket    ws://{host}:{port}/v1/ws", flush=True)
+                for line in lines:
+                    print(f"  {line}", flush=True)
+            if metrics_url:  # a worker's own, unlike the rest: the supervisor passes it on marked with its index
+                print(f"  Metrics      {metrics_url}", flush=True)
+            async with frozen_heap(settings.gc_full_collect_seconds):
+                await stop.wait()
+            print("streamd: stopping (closing sockets with 1001, finishing the fan-out batch)", flush=True)
     finally:
         await runner.cleanup()
     return 0
@@ -223,12 +277,18 @@ async def run_fanout(settings: Settings, listen: Listen = Listen()) -> int:
     assert settings.redis_url
     stop = _stop_on_signals()
     client = await store.open_client(settings.redis_url, settings)
+    metrics = Metrics()  # one for the process: a scrape sees every shard's worker
     try:
         book = LeaseBook(client, settings.ingest_shards, max(settings.claim_idle_ms, 100))
-        workers = [FanoutWorker(client, settings, shard=s, book=book) for s in range(settings.ingest_shards)]
-        print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
-        async with frozen_heap(settings.gc_full_collect_seconds):
-            await asyncio.gather(*(w.run(stop) for w in workers))
+        workers = [
+            FanoutWorker(client, settings, shard=s, metrics=metrics, book=book) for s in range(settings.ingest_shards)
+        ]
+        async with metrics_server(settings, metrics) as metrics_url:
+            print(f"streamd {__version__} fan-out worker {workers[0].consumer} on {settings.redis_url}", flush=True)
+            if metrics_url:
+                print(f"  Metrics      {metrics_url}", flush=True)
+            async with frozen_heap(settings.gc_full_collect_seconds):
+                await asyncio.gather(*(w.run(stop) for w in workers))
     finally:
         await store.close(client)
     return 0

@@ -23,6 +23,11 @@ class Settings:
     redis_cluster: bool | None = None
     # Processes for `streamd gateway|fanout|run --workers N` (supervisor.py).
     workers: int = 1
+    # Also serve GET /metrics and /healthz on this port, plus the worker's
+    # index under `--workers N` (one port each), so that `streamd fanout`,
+    # which has no other HTTP port, and each gateway worker behind a shared
+    # port are scraped apart. 0: off.
+    metrics_port: int = 0
 
     # Protocol limits (the defaults of ../PROTOCOL.md).
     max_text_chars: int = 1000
