@@ -21,6 +21,11 @@ keeps `--depth` requests in flight (closed loop).
 
 No fan-out worker runs unless `--fanout`: the ingest stream just grows for
 the length of the run.
+
+`--publisher` measures the backend path instead (`streamd.publisher.Publisher`,
+no HTTP): the process posting is the one under test, alone on CPU 0 in place
+of the gateway (which only created the users), with `--connections` x
+`--depth` posts in flight; `gw` in the table is then that process.
 """
 
 from __future__ import annotations
@@ -72,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring (default %(default)s)")
     p.add_argument("--idempotency", action="store_true", help="send an idempotency key with every post")
     p.add_argument("--fanout", action="store_true", help="also run a fan-out worker (on the CPU of Redis)")
+    p.add_argument(
+        "--publisher", action="store_true",
+        help="post with streamd.publisher.Publisher from a process on CPU 0 instead of HTTP to the gateway",
+    )  # fmt: skip
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="extra STREAMD_* setting for the gateway")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/ingest-<timestamp>.json)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -88,15 +97,22 @@ def run(args: argparse.Namespace) -> int:
     with terminate_on_sigterm(), contextlib.ExitStack() as stack:
         server = ServerUnderTest(workdir, pinning, {**SERVER_ENV, **extra}, with_fanout=args.fanout)
         server.start(stack)
-        loadgen = Child("loadgen", [sys.executable, "-m", "bench.ingest"], workdir / "loadgen.log", pinning.rest)
+        # The publisher is the process under test: on the gateway's CPU, in its place.
+        cpus = pinning.gateway if args.publisher else pinning.rest
+        loadgen = Child("loadgen", [sys.executable, "-m", "bench.ingest"], workdir / "loadgen.log", cpus)
         stack.callback(loadgen.stop)
-        tokens = asyncio.run(_create_users(server.base_url, server.admin_token, args.users))
-        print(f"gateway {server.base_url} (pid {server.gateway.pid if server.gateway else '?'}), {args.users} users,"
-              f" {args.connections} connections, depth {args.depth}")
+        tokens, handles = asyncio.run(_create_users(server.base_url, server.admin_token, args.users))
+        if args.publisher:
+            assert server.redis is not None
+            print(f"publisher (pid {loadgen.pid}) on {server.redis.url}, {args.users} authors,"
+                  f" {args.connections * args.depth} posts in flight")
+        else:
+            print(f"gateway {server.base_url} (pid {server.gateway.pid if server.gateway else '?'}), {args.users} users,"
+                  f" {args.connections} connections, depth {args.depth}")
         print(f"{'offered/s':>10} {'accepted/s':>11} {'gw us/post':>11} {'gw cpu%':>8} {'redis us/post':>13}"
               f" {'lg cpu%':>8} {'cap/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         for rate in rates:
-            row = _one_rate(server, loadgen, tokens, rate, args)
+            row = _one_rate(server, loadgen, (tokens, handles), rate, args)
             rows.append(row)
             lat = row["latency_ms"]
             print(f"{rate or 'max':>10} {row['accepted_per_s']:>11.0f} {_fmt(row['gateway_us_per_post']):>11}"
@@ -134,10 +150,16 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _one_rate(server: ServerUnderTest, loadgen: Child, tokens: list[str], rate: int, args: argparse.Namespace) -> dict[str, Any]:
+def _one_rate(
+    server: ServerUnderTest, loadgen: Child, users: tuple[list[str], list[str]], rate: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    tokens, handles = users
+    assert server.redis is not None
     loadgen.send(
         "run",
         url=server.base_url,
+        redis_url=server.redis.url if args.publisher else None,
+        authors=handles,
         tokens=tokens,
         rate=rate,
         connections=args.connections,
@@ -148,6 +170,8 @@ def _one_rate(server: ServerUnderTest, loadgen: Child, tokens: list[str], rate: 
     )
     loadgen.receive(args.warmup + 30)  # the measured window starts
     pids = {**server.pids(), "loadgen": loadgen.pid}
+    if args.publisher:  # it is what is measured, under the gateway's name; the idle gateway is left out
+        pids["gateway"] = pids.pop("loadgen")
     before = snapshot(pids)
     loadgen.receive(args.duration + 30)  # it ends
     after = snapshot(pids)
@@ -179,18 +203,21 @@ def _one_rate(server: ServerUnderTest, loadgen: Child, tokens: list[str], rate: 
     }
 
 
-async def _create_users(base_url: str, admin: str, n: int) -> list[str]:
+async def _create_users(base_url: str, admin: str, n: int) -> tuple[list[str], list[str]]:
+    """The users' tokens and handles."""
     import aiohttp
 
-    tokens = []
+    tokens, handles = [], []
     suffix = secrets.token_hex(3)
     async with aiohttp.ClientSession(base_url, headers={"Authorization": f"Bearer {admin}"}) as session:
         for i in range(n):
-            async with session.post("/v1/users", json={"handle": f"b{suffix}_{i}"}) as resp:
+            handle = f"b{suffix}_{i}"
+            async with session.post("/v1/users", json={"handle": handle}) as resp:
                 if resp.status != 201:
                     raise BenchError(f"creating a user: {resp.status} {await resp.text()}")
                 tokens.append((await resp.json())["token"])
-    return tokens
+                handles.append(handle)
+    return tokens, handles
 
 
 # -- the load generator (a child process speaking JSON lines) --------------------------
@@ -370,6 +397,73 @@ def _reply(obj: dict[str, Any]) -> None:
     sys.stdout.buffer.flush()
 
 
+async def _run_publisher(cmd: dict[str, Any]) -> None:
+    """`_run_load`'s measure for `Publisher.post`: `connections` x `depth` posts
+    in flight (closed loop), or `rate` posts a second open loop."""
+    from streamd.errors import StreamdError
+    from streamd.publisher import Publisher
+    from streamd.settings import Settings
+
+    authors: list[str] = cmd["authors"]
+    gen = _Load(cmd)
+    rate = cmd["rate"]
+    flight = cmd["connections"] * cmd["depth"]
+    bodies = [{"text": f"bench post {k} " + "x" * 60, "events": ["bench"]} for k in range(4)]
+    start = time.monotonic()
+    measure_at = start + cmd["warmup"]
+    end_at = measure_at + cmd["duration"]
+    period = 1 / rate if rate else 0.0
+    next_slot = 0
+
+    async with Publisher.open(cmd["redis_url"], Settings.from_env()) as publisher:
+
+        async def sender(k: int) -> None:
+            nonlocal next_slot
+            n = k
+            while True:
+                if rate:
+                    slot = next_slot
+                    next_slot += 1
+                    due = start + slot * period
+                    if due >= end_at:
+                        return
+                    if (wait := due - time.monotonic()) > 0:
+                        await asyncio.sleep(wait)
+                elif time.monotonic() >= end_at:
+                    return
+                sent = time.monotonic_ns()
+                gen.sent += 1
+                n += flight
+                try:
+                    if cmd["idempotency"]:
+                        body: dict[str, Any] = {**bodies[n & 3], "idempotency_key": secrets.token_hex(16)}
+                    else:
+                        body = bodies[n & 3]
+                    await publisher.post(authors[n % len(authors)], body)
+                    gen.answered("201", time.monotonic_ns() - sent)
+                except StreamdError as err:
+                    gen.answered(str(err.status), time.monotonic_ns() - sent)
+
+        async def phases() -> None:
+            await asyncio.sleep(max(0.0, measure_at - time.monotonic()))
+            gen.measuring = True
+            _reply({"ok": True, "phase": "measure"})
+            await asyncio.sleep(max(0.0, end_at - time.monotonic()))
+            gen.measuring = False
+            _reply({"ok": True, "phase": "end"})
+
+        await asyncio.gather(phases(), *(sender(k) for k in range(flight)))
+    _reply({
+        "ok": True,
+        "sent": gen.sent,
+        "accepted": gen.accepted,
+        "statuses": dict(gen.statuses),
+        "failures": gen.failures,
+        "latencies_ns": gen.latencies,
+        "behind": 0,
+    })
+
+
 async def _child_main() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 24)
@@ -378,7 +472,7 @@ async def _child_main() -> None:
         cmd = orjson.loads(line)
         if cmd["cmd"] == "run":
             try:
-                await _run_load(cmd)
+                await (_run_publisher(cmd) if cmd.get("redis_url") else _run_load(cmd))
             except Exception as exc:  # noqa: BLE001 - reported to the parent
                 _reply({"ok": False, "error": repr(exc)})
 
