@@ -282,6 +282,18 @@ class _Load:
     def wake(self) -> None:
         self.free.set()
 
+    def stats(self, behind: int) -> dict[str, Any]:
+        """The reply that ends a run."""
+        return {
+            "ok": True,
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "statuses": dict(self.statuses),
+            "failures": self.failures,
+            "latencies_ns": self.latencies,
+            "behind": behind,
+        }
+
     def answered(self, status: str, latency_ns: int) -> None:
         if not self.measuring:
             return
@@ -381,15 +393,7 @@ async def _run_load(cmd: dict[str, Any]) -> None:
     for proto, _ in conns:
         if proto.transport is not None:
             proto.transport.close()
-    _reply({
-        "ok": True,
-        "sent": gen.sent,
-        "accepted": gen.accepted,
-        "statuses": dict(gen.statuses),
-        "failures": gen.failures,
-        "latencies_ns": gen.latencies,
-        "behind": behind,
-    })
+    _reply(gen.stats(behind))
 
 
 def _reply(obj: dict[str, Any]) -> None:
@@ -453,15 +457,7 @@ async def _run_publisher(cmd: dict[str, Any]) -> None:
             _reply({"ok": True, "phase": "end"})
 
         await asyncio.gather(phases(), *(sender(k) for k in range(flight)))
-    _reply({
-        "ok": True,
-        "sent": gen.sent,
-        "accepted": gen.accepted,
-        "statuses": dict(gen.statuses),
-        "failures": gen.failures,
-        "latencies_ns": gen.latencies,
-        "behind": 0,
-    })
+    _reply(gen.stats(behind=0))
 
 
 async def _child_main() -> None:

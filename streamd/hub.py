@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -362,10 +362,25 @@ class Hub:
     def _flush(self) -> None:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, []
+        self._write_out(dirty)
+        if self._posted:
+            posted, self._posted = self._posted, []
+            wall_ms = time.time() * 1000
+            for created in posted:
+                self.metrics.delivery_latency.observe(max(0.0, wall_ms - created) / 1000)
+
+    def write_now(self, conn: Connection) -> None:
+        """Write what is queued for `conn` now, not at the end of the loop turn."""
+        self._write_out((conn,))
+
+    def _write_out(self, conns: Iterable[Connection]) -> None:
+        """What is queued for each of `conns`, in one write per socket. The
+        flush runs this loop once per socket per post: no call per socket in it."""
         limit = self._limit
         now = self._loop.time()
-        for conn in dirty:
-            # write_now, inlined: this loop runs once per socket per post.
+        for conn in conns:
+            # A socket written here and queued again before the flush is in
+            # the flush's list twice: the second time it has nothing pending.
             conn.dirty = False
             pending = conn.pending
             if conn.closed or not pending:
@@ -381,28 +396,6 @@ class Hub:
             conn.last_write = now
             if transport.get_write_buffer_size() > limit:
                 self.kill(conn, CloseCode.TOO_SLOW)
-        if self._posted:
-            posted, self._posted = self._posted, []
-            wall_ms = time.time() * 1000
-            for created in posted:
-                self.metrics.delivery_latency.observe(max(0.0, wall_ms - created) / 1000)
-
-    def write_now(self, conn: Connection) -> None:
-        """Write what is queued for `conn` now, not at the end of the loop turn."""
-        pending = conn.pending
-        if conn.closed or not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        conn.pending_bytes = 0
-        transport = conn.transport
-        if transport.is_closing():
-            self.kill(conn, CloseCode.GOING_AWAY)
-            return
-        transport.write(data)
-        conn.last_write = self._loop.time()
-        if transport.get_write_buffer_size() > self._limit:
-            self.kill(conn, CloseCode.TOO_SLOW)
 
     @property
     def buffer_limit(self) -> int:
