@@ -18,6 +18,7 @@ from streamd.errors import StreamdError, Unavailable, from_status
 from streamd.fanout import FanoutWorker, LeaseBook
 from streamd.gateway import make_recheck, websocket_handler
 from streamd.http_base import AUTH, HUB, LISTS, REDIS, SCRIPTS, SETTINGS, json_response
+from streamd.history import Histories
 from streamd.hub import Hub
 from streamd.ingest import INGEST, Ingest
 from streamd.lists import Lists
@@ -114,7 +115,7 @@ def make_app(settings: Settings, redis_url: str, *, with_worker: bool = False) -
         app[LISTS] = lists = Lists(client, scripts, settings, fast=fast)
         app[INGEST] = Ingest(client, scripts, settings, auth, lists, metrics, fast)
         try:
-            async with Hub(client, settings, metrics) as hub:
+            async with Hub(client, settings, metrics, Histories(client, scripts, fast)) as hub:
                 hub.recheck = make_recheck(hub, lists)
                 metrics.on_scrape(hub.sample)
                 app[HUB] = hub

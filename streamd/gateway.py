@@ -129,7 +129,7 @@ class Session:
         await self.lists.check_feed_readable(self.principal, feed)
         hub, conn = self.hub, self.conn
         if hub.is_subscribed(feed, conn):
-            snap = await history.snapshot(hub.redis, feed, 1)
+            snap = await hub.histories.snapshot(feed, 1)
             hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), False))
             return
         if len(conn.feeds) >= self.settings.max_subscriptions:
@@ -146,8 +146,8 @@ class Session:
 
     async def _replay(self, op: ClientOp, feed: str, cursor: cursors.Cursor | None, handoff: Handoff) -> None:
         hub, conn = self.hub, self.conn
-        client = hub.redis
-        snap = await history.snapshot(client, feed, op.backlog if cursor is None else 1)
+        histories = hub.histories
+        snap = await histories.snapshot(feed, op.backlog if cursor is None else 1)
         head = snap.head
         if cursor is None:
             hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), False))
@@ -164,7 +164,7 @@ class Session:
         after = plan.after
         page = self.settings.replay_page
         while after < head:
-            entries = await history.read_after(client, feed, after, page)
+            entries = await histories.read_after(feed, after, page)
             for entry in entries:
                 entry_id = cursors.parse_entry_id(entry[0])
                 if entry_id > head:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from streamd import cursors, keys
+from streamd.autopipe import AutoPipeline
 from streamd.cursors import EntryId
 from streamd.protocol import delete_frame, post_frame
-from streamd.store import AnyRedis, StreamEntry, as_entries
+from streamd.store import AnyRedis, Scripts, StreamEntry, as_entries
 
 RawEntry = StreamEntry
 
@@ -28,6 +30,46 @@ class Snapshot:
         if not self.newest:
             return cursors.encode(self.epoch, "0-0")
         return cursors.encode(self.epoch, self.newest[0][0].decode())
+
+
+class Histories:
+    """Reads feed histories for the sockets of one process: through its
+    `AutoPipeline` on one Redis server (a reconnect storm is thousands of
+    resumes at once: redis-py's pool and per-command cost would queue them),
+    else on the redis-py client."""
+
+    __slots__ = ("_client", "_fast", "_script")
+
+    def __init__(self, client: AnyRedis, scripts: Scripts | None = None, fast: AutoPipeline | None = None) -> None:
+        self._client = client
+        self._fast = fast if scripts is not None else None
+        self._script = scripts.feed_snapshot if scripts is not None else None
+
+    async def snapshot(self, feed: str, newest: int) -> Snapshot:
+        """As `snapshot`."""
+        fast, script = self._fast, self._script
+        if fast is None or script is None:
+            return await snapshot(self._client, feed, newest)
+        (epoch, trimmed), entries = await fast.evalsha(
+            script.sha, script.text, (keys.feed_meta(feed), keys.feed_stream(feed)), (max(newest, 1),)
+        )
+        return Snapshot(
+            epoch=epoch.decode() if epoch else None,
+            trimmed=cursors.parse_entry_id(trimmed) if trimmed else cursors.ZERO,
+            newest=_entries(entries),
+        )
+
+    async def read_after(self, feed: str, after: EntryId, count: int) -> list[RawEntry]:
+        """As `read_after`."""
+        if self._fast is None:
+            return await read_after(self._client, feed, after, count)
+        reply = await self._fast.execute("XRANGE", keys.feed_stream(feed), f"({after[0]}-{after[1]}", "+", "COUNT", count)
+        return _entries(reply)
+
+
+def _entries(reply: list[list[Any]]) -> list[RawEntry]:
+    """Stream entries as hiredis gives them ([id, [field, value, ...]]), shaped as redis-py's."""
+    return [(raw_id, dict(zip(fields[::2], fields[1::2], strict=True))) for raw_id, fields in reply]
 
 
 async def snapshot(client: AnyRedis, feed: str, newest: int) -> Snapshot:

@@ -23,6 +23,7 @@ from streamd.auth import Principal
 from streamd.cursors import EntryId, Handoff
 from streamd.errors import CloseCode, Unavailable
 from streamd.feeds import KINDS
+from streamd.history import Histories
 from streamd.live import LiveChannels
 from streamd.metrics import Metrics
 from streamd.protocol import heartbeat_frame
@@ -117,8 +118,11 @@ class FeedState:
 
 
 class Hub:
-    def __init__(self, client: AnyRedis, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, client: AnyRedis, settings: Settings, metrics: Metrics | None = None, histories: Histories | None = None
+    ) -> None:
         self.redis = client
+        self.histories = histories if histories is not None else Histories(client)
         self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._limit = settings.socket_buffer_bytes
@@ -644,13 +648,13 @@ class Hub:
         whenever `st.again` was set meanwhile; False when it still is after
         RESYNC_PASSES more passes."""
         assert st.resync is not None
-        snap = await history.snapshot(self.redis, st.feed, 1)
+        snap = await self.histories.snapshot(st.feed, 1)
         queued = 0
         for _ in range(1 + RESYNC_PASSES):
             st.again = False
             after = st.resync.last
             while True:
-                entries = await history.read_after(self.redis, st.feed, after, self._settings.replay_page)
+                entries = await self.histories.read_after(st.feed, after, self._settings.replay_page)
                 for entry in entries:
                     entry_id = cursors.parse_entry_id(entry[0])
                     if st.resync.replayed(entry_id):

@@ -288,6 +288,7 @@ class Scripts:
     feed_append: Script
     feed_delete: Script
     feed_remove: Script
+    feed_snapshot: Script
     ingest_post: Script
     ingest_fanout: Script
     post_delete: Script
