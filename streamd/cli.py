@@ -332,7 +332,8 @@ async def supervise(command: str, settings: Settings, argv: list[str]) -> int:
             ready_line=READY if shared else b"fan-out worker",
         )
         running = asyncio.create_task(supervisor.run(stop))
-        if await supervisor.wait_ready():
+        ready = await supervisor.wait_ready()
+        if ready:
             how = "" if shared is None else (", SO_REUSEPORT" if shared.reuse_port else ", one shared socket")
             pids = " ".join(map(str, supervisor.pids()))
             if shared is not None:
@@ -344,6 +345,7 @@ async def supervise(command: str, settings: Settings, argv: list[str]) -> int:
             print(f"  Workers      {settings.workers} {command} processes{how} (pids {pids})", flush=True)
             for line in lines:
                 print(f"  {line}", flush=True)
+        supervisor.announced.set()  # ready or not: what the workers say goes out
         status = await running
         if status:
             print(f"streamd: the {command} workers could not be started; see their log lines above", file=sys.stderr)

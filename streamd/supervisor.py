@@ -133,6 +133,9 @@ class Supervisor:
         self._ready_line = ready_line
         self._stopping = False
         self._failed = asyncio.Event()
+        # Set once the caller has printed its banner: the workers' own lines
+        # (each one's metrics port) come after it, not before.
+        self.announced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._readers: set[asyncio.Future[None]] = set()
 
@@ -246,5 +249,7 @@ class Supervisor:
                 if self._ready_line is not None and self._ready_line in line:
                     self._mark_ready(w)
                 continue
+            if not self.announced.is_set():
+                await self.announced.wait()
             out.write(b"[worker %d] " % w.index + line)
             out.flush()

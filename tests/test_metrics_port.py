@@ -81,6 +81,9 @@ async def test_each_gateway_worker_is_scraped_on_its_own_port(redis_url: str, se
     env = clean_env(STREAMD_METRICS_PORT=str(port), STREAMD_ADMIN_TOKEN=ADMIN_TOKEN)
     args = ["gateway", "--workers", "2", "--port", "0", "--redis-url", redis_url]
     async with running(args, env) as gateway:
+        said = [await gateway.wait_line(f"[worker {i}]   Metrics") for i in (0, 1)]
+        banner = next(i for i, line in enumerate(gateway.lines) if "  Workers " in line)
+        assert all(gateway.lines.index(line) > banner for line in said), gateway.lines  # after the supervisor's banner
         workers = [metrics_api(gateway, session, f"[worker {i}]") for i in (0, 1)]
         assert [w.base for w in workers] == [f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"]
         # One socket on the shared port reaches one worker: only that one's own registry counts it.
