@@ -160,6 +160,11 @@ class ListenError(RuntimeError):
     """A port this process was asked to serve on and could not bind: a start-up error, not a crash."""
 
 
+def _reason(err: Exception) -> str:
+    """Why a bind failed, in the system's words ("Address already in use")."""
+    return os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
+
+
 @contextlib.asynccontextmanager
 async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[str | None]:
     """`metrics_app` on `metrics_port` + this process's worker index; its URL, None when off.
@@ -178,9 +183,8 @@ async def metrics_server(settings: Settings, metrics: Metrics) -> AsyncIterator[
         try:
             await web.TCPSite(runner, settings.host, port).start()
         except (OSError, OverflowError) as err:
-            reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err)
             where = f"{settings.host}:{port} (--metrics-port, STREAMD_METRICS_PORT)"
-            raise ListenError(f"cannot serve /metrics on {where}: {reason}") from None
+            raise ListenError(f"cannot serve /metrics on {where}: {_reason(err)}") from None
         yield f"http://{settings.host}:{port}/metrics"
     finally:
         await runner.cleanup()
@@ -219,8 +223,7 @@ async def _serve(settings: Settings, redis_url: str, *, with_worker: bool, lines
             try:
                 await site.start()
             except OSError as err:
-                reason = os.strerror(err.errno) if err.errno else str(err)
-                raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {reason}") from None
+                raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {_reason(err)}") from None
             host, port = _bound(site, settings)
             url = f"http://{host}:{port}"
             print(f"streamd {__version__} listening on {url}", flush=True)
@@ -332,8 +335,7 @@ async def supervise(command: str, settings: Settings, argv: list[str]) -> int:
             ready_line=READY if shared else b"fan-out worker",
         )
         running = asyncio.create_task(supervisor.run(stop))
-        ready = await supervisor.wait_ready()
-        if ready:
+        if await supervisor.wait_ready():
             how = "" if shared is None else (", SO_REUSEPORT" if shared.reuse_port else ", one shared socket")
             pids = " ".join(map(str, supervisor.pids()))
             if shared is not None:

@@ -53,17 +53,13 @@ class Histories:
         (epoch, trimmed), entries = await fast.evalsha(
             script.sha, script.text, (keys.feed_meta(feed), keys.feed_stream(feed)), (max(newest, 1),)
         )
-        return Snapshot(
-            epoch=epoch.decode() if epoch else None,
-            trimmed=cursors.parse_entry_id(trimmed) if trimmed else cursors.ZERO,
-            newest=_entries(entries),
-        )
+        return _snapshot(epoch, trimmed, _entries(entries))
 
     async def read_after(self, feed: str, after: EntryId, count: int) -> list[RawEntry]:
         """As `read_after`."""
         if self._fast is None:
             return await read_after(self._client, feed, after, count)
-        reply = await self._fast.execute("XRANGE", keys.feed_stream(feed), f"({after[0]}-{after[1]}", "+", "COUNT", count)
+        reply = await self._fast.execute("XRANGE", keys.feed_stream(feed), _after(after), "+", "COUNT", count)
         return _entries(reply)
 
 
@@ -78,15 +74,25 @@ async def snapshot(client: AnyRedis, feed: str, newest: int) -> Snapshot:
         pipe.hmget(keys.feed_meta(feed), "epoch", "trimmed")
         pipe.xrevrange(keys.feed_stream(feed), count=max(newest, 1))
         (epoch, trimmed), entries = await pipe.execute()
+    return _snapshot(epoch, trimmed, entries)
+
+
+def _snapshot(epoch: bytes | None, trimmed: bytes | None, newest: list[RawEntry]) -> Snapshot:
+    """The snapshot of the meta fields `epoch` and `trimmed` as Redis gives them (nil: unset)."""
     return Snapshot(
         epoch=epoch.decode() if epoch else None,
         trimmed=cursors.parse_entry_id(trimmed) if trimmed else cursors.ZERO,
-        newest=entries,
+        newest=newest,
     )
 
 
 async def read_after(client: AnyRedis, feed: str, after: EntryId, count: int) -> list[RawEntry]:
-    return as_entries(await client.xrange(keys.feed_stream(feed), min=f"({after[0]}-{after[1]}", max="+", count=count))
+    return as_entries(await client.xrange(keys.feed_stream(feed), min=_after(after), max="+", count=count))
+
+
+def _after(entry: EntryId) -> str:
+    """The XRANGE start just past `entry` (exclusive)."""
+    return f"({entry[0]}-{entry[1]}"
 
 
 def item_frame(feed: str, epoch: str | None, entry: RawEntry) -> bytes:

@@ -69,19 +69,15 @@ class Acceptance:
         self._random = random.Random(secrets.randbits(64))  # epochs: unique, not secret
         self._lists_seen: dict[str, list[str]] = {}
 
-    @property
-    def checks_lists(self) -> bool:
-        """Whether the accepting script checks the lists it is given against the
-        author's lists now (one server): `store` then needs no fresh read."""
-        return self._direct
-
     def lists_seen(self, author: str) -> list[str] | None:
-        """The author's lists at their last post here, if `checks_lists`."""
+        """The author's lists at their last post here, remembered only where the
+        accepting script checks the lists it is given against the author's
+        lists now (one server): good enough to pass to `store`, no fresh read."""
         return self._lists_seen.get(author)
 
     async def store(self, author: str, new: NewPost, lists: list[str]) -> tuple[dict[str, Any], bool]:
         """The post kept, and whether it is new (False: an idempotent repeat).
-        With `checks_lists`, lists the author is no longer exactly in are
+        On one server, lists the author is no longer exactly in are
         refused by the script, which answers with the right ones: it runs
         again with those."""
         for _ in range(LISTS_ATTEMPTS):

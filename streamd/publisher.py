@@ -81,10 +81,9 @@ class Publisher:
             if len(self._known) >= KNOWN_AUTHORS:
                 self._known.clear()
             self._known.add(author)
-        acceptance = self._acceptance
-        lists = acceptance.lists_seen(author) if acceptance.checks_lists else None
-        if lists is None:
-            lists = await self._lists.memberships(author)
         # Remembered lists cost no round trip: the accepting script checks them
         # against the author's lists now and answers with those if they differ.
-        return await acceptance.store(author, new, lists)
+        lists = self._acceptance.lists_seen(author)
+        if lists is None:
+            lists = await self._lists.memberships(author)
+        return await self._acceptance.store(author, new, lists)
