@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING
@@ -39,6 +40,11 @@ log = logging.getLogger("streamd.hub")
 
 
 Encoder = Callable[[bytes], bytes]
+
+# Transports whose bytes go to their socket as they are: the only ones a
+# frame may be written past, straight to the socket (never a TLS transport,
+# whose socket carries records).
+_PLAIN_TRANSPORTS = frozenset({"TCPTransport", "_SelectorSocketTransport"})
 
 _POST_ID = b'"post":{"id":"'
 # How long a resubscribed feed's refill waits for a reader to take a page of
@@ -69,6 +75,7 @@ class Connection:
 
     __slots__ = (
         "transport",
+        "fd",
         "encode",
         "pending",
         "pending_bytes",
@@ -86,6 +93,7 @@ class Connection:
     def __init__(self, ws: None, transport: asyncio.Transport, encode: Encoder = text_frame) -> None:
         assert ws is None  # a WebSocket is a subclass
         self.transport = transport
+        self.fd = socket_fd(transport)
         self.encode = encode  # protocol message -> bytes on the wire
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -96,6 +104,17 @@ class Connection:
         self.principal: Principal | None = None
         # Resolved when the hub drops the connection; only SSE handlers wait on it.
         self.done: asyncio.Future[None] | None = None
+
+
+def socket_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket a frame can be written to directly, past `transport`; -1 if none.
+
+    Only a plain TCP transport qualifies: under TLS the socket carries the
+    transport's records, and any other transport may keep bytes of its own."""
+    if type(transport).__name__ not in _PLAIN_TRANSPORTS or transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return -1 if sock is None else int(sock.fileno())
 
 
 class FeedState:
@@ -379,9 +398,17 @@ class Hub:
 
     def _write_out(self, conns: Iterable[Connection]) -> None:
         """What is queued for each of `conns`, in one write per socket. The
-        flush runs this loop once per socket per post: no call per socket in it."""
+        flush runs this loop once per socket per post: no call per socket in it.
+
+        A socket whose transport holds nothing is written to directly (one
+        `write(2)`, without the transport's own bookkeeping); what the socket
+        does not take, and every write to a transport that still holds bytes,
+        goes through the transport, so the bytes keep their order. The
+        transport is asked first whether it is closing: its socket may then be
+        closed already, and its number given to another connection."""
         limit = self._limit
         now = self._loop.time()
+        write = os.write
         for conn in conns:
             # A socket written here and queued again before the flush is in
             # the flush's list twice: the second time it has nothing pending.
@@ -396,8 +423,16 @@ class Hub:
             if transport.is_closing():
                 self.kill(conn, CloseCode.GOING_AWAY)
                 continue
-            transport.write(data)
             conn.last_write = now
+            if conn.fd >= 0 and not transport.get_write_buffer_size():
+                try:
+                    sent = write(conn.fd, data)
+                except OSError:
+                    sent = 0  # full (EAGAIN), or broken: the transport finds out which
+                if sent == len(data):
+                    continue
+                data = data[sent:]
+            transport.write(data)
             if transport.get_write_buffer_size() > limit:
                 self.kill(conn, CloseCode.TOO_SLOW)
 

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import contextlib
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 
 from streamd import wsframe
 from streamd.http_base import HUB
+from streamd.hub import socket_fd
 from tests.test_ws_frames import client_frame
 
 TIMEOUT = 10
@@ -223,3 +225,59 @@ async def test_pings_from_a_client_that_reads_no_pongs_are_bounded(start_server:
             await writer.drain()
     assert not hub.connections and hub.slow_closes == 1, "closed with 4008 once its pongs piled up"
     writer.transport.abort()
+
+
+async def test_frames_wait_behind_the_bytes_their_transport_holds(start_server: Any, settings: Any) -> None:
+    # Frames are written straight to a socket only while its transport holds
+    # nothing. Here the socket has room again (the client read it empty)
+    # before the transport has written what it holds, and a frame is written
+    # at that moment: it goes behind the held bytes, not ahead of them.
+    quiet = settings.replace(heartbeat_seconds=3600, ws_ping_seconds=3600, socket_buffer_bytes=8 * 2**20)
+    srv = await start_server(quiet)
+    hub = srv.app[HUB]
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small: the kernel fills up soon
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+    await loop.sock_sendall(sock, upgrade_request())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+    assert got.startswith(b"HTTP/1.1 101"), got
+    (conn,) = hub.connections
+    # And a small send buffer on the server's side, rather than megabytes of frames.
+    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    received = bytearray(got.partition(b"\r\n\r\n")[2])
+
+    def queue(n: int) -> None:
+        hub.send(conn, orjson.dumps({"op": "pong", "ref": n, "pad": "x" * 1000}))
+        hub.write_now(conn)
+
+    sent = 0
+    while not conn.transport.get_write_buffer_size():
+        assert sent < 500, "the transport never had to hold what the socket did not take"
+        queue(sent)
+        sent += 1
+    # In one go, with no turn of the loop between: the client reads what the
+    # kernel holds for it, and the server writes a frame.
+    with contextlib.suppress(BlockingIOError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert conn.transport.get_write_buffer_size(), "the transport still holds bytes"
+    queue(sent)
+    sent += 1
+    refs: list[int] = []
+    while len(refs) < sent:
+        received += await asyncio.wait_for(loop.sock_recv(sock, 65536), TIMEOUT)
+        while len(received) >= 4 and len(received) >= 4 + (n := struct.unpack("!H", received[2:4])[0]):
+            assert received[:2] == bytes((0x80 | wsframe.TEXT, 126)), "one unfragmented text frame of 126-65535 bytes"
+            refs.append(orjson.loads(received[4 : 4 + n])["ref"])
+            del received[: 4 + n]
+    assert refs == list(range(sent))
+    assert hub.connections == {conn}
+    sock.close()
+
+
+def test_only_a_plain_tcp_transport_is_written_past() -> None:
+    assert socket_fd(asyncio.Transport()) == -1  # not a socket's: its bytes are its own to write
