@@ -3,7 +3,7 @@
 Delivery is synchronous and allocation-light: a live item is encoded once per
 kind of reader (a WebSocket frame, an SSE chunk), its bytes are appended to
 each subscriber's pending list, and one flush per loop iteration joins each
-connection's pending frames into a single transport write. No task and no
+connection's pending frames into a single write to its socket. No task and no
 await per recipient. A connection whose pending data or transport buffer
 passes `socket_buffer_bytes` is closed with 4008 and never slows the rest.
 """
