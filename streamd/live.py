@@ -70,6 +70,20 @@ class _Single:
         return conn
 
 
+async def _as_is(reply: object) -> object:
+    return reply
+
+
+def _pass_messages_as_they_are(conn: AbstractConnection) -> None:
+    """Over RESP3 (redis-py 8's default), every pub/sub message goes through
+    the parser's push handler, whose default renders the whole message as a
+    string for a debug log line, logged or not: a cost per message of every
+    feed. The read loop takes the messages as they are."""
+    setter = getattr(getattr(conn, "_parser", None), "set_pubsub_push_handler", None)
+    if setter is not None:
+        setter(_as_is)
+
+
 class _Sharded:
     """Redis Cluster: each channel on the master that owns its slot, sharded pub/sub.
 
@@ -279,6 +293,7 @@ class LiveChannels:
         conn = self._router.connection(link.address)
         try:
             await conn.connect()
+            _pass_messages_as_they_are(conn)
             link.conn = conn
             if link.channels:
                 await self._send(link, self._subscribe, sorted(link.channels))

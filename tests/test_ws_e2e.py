@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 from typing import Any
 
@@ -246,3 +247,27 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(start_server: Any, s
         await asyncio.sleep(0.01)
     assert not srv.app[HUB].connections
     writer.close()
+
+
+async def test_live_messages_are_taken_as_they_are(api: Api, ws_connect: Any) -> None:
+    # Over RESP3, redis-py's default pub/sub push handler builds a debug line
+    # from each whole message whether or not it is logged. The live
+    # connection's messages skip it: none reaches that logger, even at DEBUG.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("push_response")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        token = await api.user("tia")
+        ws = await ws_connect()
+        await ws.subscribe("user:tia")
+        post = await api.post(token, "as it is")
+        frame = await ws.recv()
+        assert frame["post"]["id"] == post["id"]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage()[:80] for r in records] == []
