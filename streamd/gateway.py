@@ -123,7 +123,9 @@ class Session:
         elif op.op == "subscribe":
             await self.subscribe(op)
 
-    async def subscribe(self, op: ClientOp) -> None:
+    async def subscribe(self, op: ClientOp, start: cursors.Cursor | None = None) -> None:
+        """`start`: where a subscribe without a cursor begins instead of the
+        feed's head when it is read (the items after it are sent)."""
         feed = op.feed
         assert feed is not None
         await self.lists.check_feed_readable(self.principal, feed)
@@ -134,7 +136,7 @@ class Session:
             return
         if len(conn.feeds) >= self.settings.max_subscriptions:
             raise TooManySubscriptions(f"at most {self.settings.max_subscriptions} subscriptions per socket")
-        cursor = cursors.decode(op.cursor) if op.cursor is not None else None
+        cursor = cursors.decode(op.cursor) if op.cursor is not None else start
         handoff = Handoff()
         await hub.attach(feed, conn, handoff)
         try:
@@ -157,7 +159,8 @@ class Session:
             handoff.replayed(head)
             return
         plan = cursors.plan_resume(cursor, snap.epoch, snap.trimmed)
-        hub.metrics.replays.inc()
+        if op.cursor is not None:
+            hub.metrics.replays.inc()
         if plan.gap:
             hub.metrics.gaps.inc()
         hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), plan.gap))

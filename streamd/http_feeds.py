@@ -78,6 +78,14 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
         # Redis down: a 503 now, not a stream that says nothing.
         raise Unavailable("storage is unavailable, try again")
 
+    hub = request.app[HUB]
+    start = None
+    if cursor is None and backlog == 0:
+        # The stream begins where the feed is before the response starts: a
+        # client that has the headers gets everything posted after them,
+        # however long the subscription then takes to be in place (under
+        # Cluster, a connection to another node first).
+        start = cursors.decode((await hub.histories.snapshot(feed, 1)).head_cursor())
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -85,7 +93,6 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     transport = request.transport
     assert transport is not None
-    hub = request.app[HUB]
     conn = Connection(None, transport, sse_chunk)
     conn.principal = who
     conn.done = asyncio.get_running_loop().create_future()
@@ -93,7 +100,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     session = Session(hub, request.app[AUTH], lists, settings, conn)
     session.principal = who
     try:
-        await session.subscribe(ClientOp("subscribe", feed=feed, cursor=cursor, backlog=backlog))
+        await session.subscribe(ClientOp("subscribe", feed=feed, cursor=cursor, backlog=backlog), start)
     except StreamdError as err:
         err.feed = feed
         hub.send(conn, error_frame(err))

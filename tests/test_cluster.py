@@ -70,7 +70,11 @@ from tests.test_lists_e2e import (  # noqa: F401
     test_membership_changes_apply_to_the_next_post,
     test_private_list_feed_for_owner_admin_and_embed_token,
 )
-from tests.test_sse import test_sse_live_and_delete, test_sse_resume_with_last_event_id_matches_websocket  # noqa: F401
+from tests.test_sse import (  # noqa: F401
+    test_sse_gets_what_is_posted_once_its_headers_arrive,
+    test_sse_live_and_delete,
+    test_sse_resume_with_last_event_id_matches_websocket,
+)
 from tests.test_ws_e2e import (  # noqa: F401
     test_backlog_sends_last_items_oldest_first,
     test_event_feed_receives_tagged_posts,

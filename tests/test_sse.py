@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from streamd.http_base import HUB
 from tests.helpers import Api
 
 
@@ -49,6 +50,28 @@ async def test_sse_live_and_delete(api: Api) -> None:
     await api.call("DELETE", f"/v1/posts/{post['id']}", None, jane)
     ev = await sse.event()
     assert ev["event"] == "delete" and ev["data"]["post_id"] == post["id"]
+    sse.response.close()
+
+
+async def test_sse_gets_what_is_posted_once_its_headers_arrive(server: Any, api: Api) -> None:
+    # The subscription may take a while to be in place after the response
+    # starts (under Cluster, a connection to another node first): here each
+    # attach waits 300 ms. A post made as soon as the headers arrive is still
+    # the stream's first item.
+    hub = server.app[HUB]
+    attach = hub.attach
+
+    async def slow_attach(*args: Any) -> None:
+        await asyncio.sleep(0.3)
+        await attach(*args)
+
+    hub.attach = slow_attach
+    jane = await api.user("jane")
+    await api.post(jane, "before")
+    sse = await open_sse(api, "/v1/feeds/user:jane/events")
+    post = await api.post(jane, "right after the headers")
+    ev = await sse.event()
+    assert ev["event"] == "post" and ev["data"]["post"] == post
     sse.response.close()
 
 
