@@ -398,7 +398,8 @@ class Hub:
 
     def _write_out(self, conns: Iterable[Connection]) -> None:
         """What is queued for each of `conns`, in one write per socket. The
-        flush runs this loop once per socket per post: no call per socket in it.
+        flush runs this loop once per socket per post: no Python function is
+        called per socket in it, only the transport's and `os.write`.
 
         A socket whose transport holds nothing is written to directly (one
         `write(2)`, without the transport's own bookkeeping); what the socket
