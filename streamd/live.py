@@ -24,17 +24,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections import deque
+from functools import partial
 from collections.abc import Callable, Iterable
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import REDIS_CLUSTER_HASH_SLOTS
 from redis.asyncio.connection import AbstractConnection
+from redis._parsers import BaseParser
 from redis.crc import key_slot
-from redis.exceptions import MovedError, RedisClusterException, ResponseError, SlotNotCoveredError
+from redis.exceptions import (
+    ConnectionError,
+    InvalidResponse,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 
 from streamd.metrics import Metrics
 from streamd.store import TRANSIENT_ERRORS, AnyRedis
@@ -70,18 +80,61 @@ class _Single:
         return conn
 
 
-async def _as_is(reply: object) -> object:
-    return reply
+_INCOMPLETE = object()  # what the reply parser gives while a reply is still arriving
 
 
-def _pass_messages_as_they_are(conn: AbstractConnection) -> None:
-    """Over RESP3 (redis-py 8's default), every pub/sub message goes through
-    the parser's push handler, whose default renders the whole message as a
-    string for a debug log line, logged or not: a cost per message of every
-    feed. The read loop takes the messages as they are."""
-    setter = getattr(getattr(conn, "_parser", None), "set_pubsub_push_handler", None)
-    if setter is not None:
-        setter(_as_is)
+class _Replies(asyncio.Protocol):
+    """The live connection's protocol once it is connected and greeted: every
+    chunk the socket gives is parsed at once (hiredis) and each complete reply
+    handled in the same callback. A message costs no task wake-up, no await
+    and none of redis-py's per-call checks; over RESP3 nor does it go through
+    its push handler, which renders each message into a debug line, logged or
+    not."""
+
+    def __init__(
+        self,
+        parse_error: Callable[[str], Exception],
+        message: bytes,
+        on_message: OnMessage,
+        on_reply: Callable[[object], None],
+    ) -> None:
+        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=parse_error, notEnoughData=_INCOMPLETE)
+        self._message = message  # the kind of a message: b"message", or b"smessage" (sharded)
+        self._on_message = on_message
+        self._on_reply = on_reply  # any other reply
+        self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    def take_over(self, conn: AbstractConnection) -> asyncio.Transport:
+        """Become the protocol of `conn`'s transport (its stream reader has
+        nothing left to parse after the greeting: nothing was subscribed yet)."""
+        writer, stream = getattr(conn, "_writer", None), getattr(conn, "_reader", None)
+        transport: asyncio.Transport | None = None if writer is None else writer.transport
+        if transport is None or stream is None or transport.is_closing() or stream.at_eof():
+            # Lost before it could be taken over: its connection_lost went to the stream.
+            raise ConnectionError("the live connection closed as it opened")
+        transport.set_protocol(self)
+        left = bytes(getattr(stream, "_buffer", b""))
+        if left:
+            self.data_received(left)
+        return transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        message, on_message, on_reply = self._message, self._on_message, self._on_reply
+        while (reply := reader.gets()) is not _INCOMPLETE:
+            # A message is a push (RESP3) or a list (RESP2): [kind, channel, data].
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] == message:
+                on_message(reply[1], reply[2])
+            else:
+                on_reply(reply)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
 
 
 class _Sharded:
@@ -150,6 +203,7 @@ class _Link:
     def __init__(self, address: str) -> None:
         self.address = address
         self.conn: AbstractConnection | None = None
+        self.transport: asyncio.Transport | None = None  # conn's, read by a `_Replies`
         self.channels: set[bytes] = set()  # routed here
         self.confirmed: set[bytes] = set()  # and confirmed by the server
         # The replies still owed to commands sent, in order: (kind, channel).
@@ -221,9 +275,9 @@ class LiveChannels:
         self._wanted.add(channel)
         link = self._route.get(channel)
         if link is None:
-            await self._assign(channel)
+            self._assign(channel)
         elif link.up:
-            await self._send(link, self._subscribe, [channel])
+            self._send(link, self._subscribe, [channel])
         await fut
 
     async def unsubscribe(self, channel: bytes) -> None:
@@ -235,11 +289,11 @@ class LiveChannels:
             link.channels.discard(channel)
             link.confirmed.discard(channel)
             if link.up:
-                await self._send(link, self._unsubscribe, [channel])
+                self._send(link, self._unsubscribe, [channel])
 
     # -- routing ------------------------------------------------------------------
 
-    async def _assign(self, channel: bytes) -> None:
+    def _assign(self, channel: bytes) -> None:
         """Route a wanted channel to its node's link; subscribe now if that link is up
         (else the link subscribes everything routed to it once it connects)."""
         try:
@@ -251,7 +305,7 @@ class LiveChannels:
         link.channels.add(channel)
         self._route[channel] = link
         if link.up:
-            await self._send(link, self._subscribe, [channel])
+            self._send(link, self._subscribe, [channel])
 
     def _link_for(self, address: str) -> _Link:
         link = self._links.get(address)
@@ -283,7 +337,7 @@ class LiveChannels:
             homeless, self._homeless = self._homeless, set()
             for channel in homeless:
                 if channel in self._wanted and channel not in self._route:
-                    await self._assign(channel)
+                    self._assign(channel)
             if not self.sharded and "" not in self._links:
                 self._link_for("")
 
@@ -291,14 +345,18 @@ class LiveChannels:
 
     async def _run(self, link: _Link) -> None:
         conn = self._router.connection(link.address)
+        replies = _Replies(BaseParser.parse_error, self._message, self._on_message, partial(self._on_reply, link))
         try:
             await conn.connect()
-            _pass_messages_as_they_are(conn)
+            link.transport = replies.take_over(conn)
             link.conn = conn
             if link.channels:
-                await self._send(link, self._subscribe, sorted(link.channels))
+                self._send(link, self._subscribe, sorted(link.channels))
             self.connected.set()
-            await self._read(link, conn)
+            exc = await replies.lost
+            if exc is not None and not isinstance(exc, (OSError, RedisError)):
+                log.error("live: a reply could not be handled; reconnecting", exc_info=exc)
+            raise ConnectionError(str(exc) if exc is not None else "closed by the server")
         except (*TRANSIENT_ERRORS, RedisClusterException) as err:
             if link.up:
                 log.warning("live: redis connection lost (%s); reconnecting", err)
@@ -307,6 +365,7 @@ class LiveChannels:
         finally:
             was_up = link.up
             link.conn = None
+            link.transport = None
             await conn.disconnect(nowait=True)
             if self._links.get(link.address) is link:
                 del self._links[link.address]
@@ -321,10 +380,10 @@ class LiveChannels:
                 if not self.sharded:
                     self._rehome_needed.set()  # the one connection comes back even with no channel
 
-    async def _send(self, link: _Link, verb: bytes, channels: list[bytes]) -> None:
-        conn = link.conn
-        if conn is None:
-            return
+    def _send(self, link: _Link, verb: bytes, channels: list[bytes]) -> None:
+        conn, transport = link.conn, link.transport
+        if conn is None or transport is None or transport.is_closing():
+            return  # the link is reconnecting: it subscribes to its channels once it is up
         commands: list[tuple[bytes, ...]]
         if self.sharded:
             # Every channel of one SSUBSCRIBE must hash to one slot: one command each.
@@ -332,36 +391,30 @@ class LiveChannels:
         else:
             commands = [(verb, *channels)]
         link.owed.extend((verb, channel) for channel in channels)
-        try:
-            # With no socket timeout, the bytes are written before the first await.
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        except (*TRANSIENT_ERRORS,):
-            pass  # the read loop sees the broken connection
+        transport.writelines(conn.pack_commands(commands))
 
-    async def _read(self, link: _Link, conn: AbstractConnection) -> None:
-        on_message = self._on_message
-        message = self._message
-        while True:
-            try:
-                # push_request: subscribe replies and messages are push data to redis-py.
-                reply = await conn.read_response(timeout=math.inf, push_request=True, disconnect_on_error=False)
-            except ResponseError as err:
-                # The reply to the oldest command still owed one: refused.
-                kind, channel = link.owed.popleft() if link.owed else (b"", b"")
-                self._refused(link, kind, channel, err)
-                continue
-            kind = reply[0]
-            if kind == message:
-                on_message(reply[1], reply[2])
-                continue
-            channel = reply[1]
-            owed = bool(link.owed) and link.owed[0] == (kind, channel)
-            if owed:
-                link.owed.popleft()
-            if kind == self._subscribe:
-                self._confirmed(link, channel)
-            elif kind == self._unsubscribe and not owed:
-                self._dropped(link, channel)
+    def _on_reply(self, link: _Link, reply: object) -> None:
+        """A reply that is not a message: a confirmation, a refusal, or the
+        server dropping a channel whose slot moved."""
+        if isinstance(reply, ConnectionError):  # e.g. LOADING: the server cannot serve us now
+            if link.transport is not None:
+                link.transport.abort()
+            return
+        if isinstance(reply, ResponseError):
+            # The reply to the oldest command still owed one: refused.
+            kind, channel = link.owed.popleft() if link.owed else (b"", b"")
+            self._refused(link, kind, channel, reply)
+            return
+        if not isinstance(reply, list) or len(reply) < 2:
+            return
+        kind, channel = reply[0], reply[1]
+        owed = bool(link.owed) and link.owed[0] == (kind, channel)
+        if owed:
+            link.owed.popleft()
+        if kind == self._subscribe:
+            self._confirmed(link, channel)
+        elif kind == self._unsubscribe and not owed:
+            self._dropped(link, channel)
 
     def _confirmed(self, link: _Link, channel: bytes) -> None:
         if channel not in self._wanted or self._route.get(channel) is not link:
