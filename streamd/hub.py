@@ -161,7 +161,9 @@ class Hub:
         # changed (a list made private).
         self.recheck: Callable[[str, list[Connection]], Awaitable[None]] | None = None
         self.slow_closes = 0
-        self.delivered = 0
+        self.delivered = 0  # items queued to readers live, and their bytes
+        self.delivered_bytes = 0
+        self._exported = (0, 0)  # of those, what the exported counters hold
         self._posted: list[int] = []  # created_at of live posts queued since the last flush
 
     async def __aenter__(self) -> Hub:
@@ -350,9 +352,9 @@ class Hub:
                 conn.dirty = True
                 dirty.append(conn)
         sent = len(readers) - skipped
+        # Counted here, added to the exported counters when they are scraped.
         self.delivered += sent
-        self.metrics.delivered_items.inc(sent)
-        self.metrics.delivered_bytes.inc(n * sent)
+        self.delivered_bytes += n * sent
         if dirty and self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
         if over:  # after the loop: killing changes `readers`
@@ -463,7 +465,8 @@ class Hub:
             await asyncio.sleep(0.005)  # the transports signal no drain to the hub; poll them
 
     def sample(self) -> None:
-        """Set the gauges of what the hub holds now; run at scrape time, off the delivery path."""
+        """Set the gauges of what the hub holds now and add its delivery counts to
+        the counters; run at scrape time, off the delivery path."""
         m = self.metrics
         sse = sum(1 for conn in self.connections if conn.ws is None)
         m.connections.labels(kind="ws").set(len(self.connections) - sse)
@@ -475,6 +478,10 @@ class Hub:
         for kind, n in pairs.items():
             m.subscriptions.labels(kind=kind).set(n)
         m.live_feeds.set(len(self._by_feed))
+        items, size = self._exported
+        m.delivered_items.inc(self.delivered - items)
+        m.delivered_bytes.inc(self.delivered_bytes - size)
+        self._exported = (self.delivered, self.delivered_bytes)
 
     # -- lifecycle of sockets ---------------------------------------------------
 

@@ -7,7 +7,8 @@ front of the gateway, or keep the gateway's port on a private network).
 Each app builds one `Metrics` and hands it to its hub and fan-out worker; the
 registry is its own, not prometheus_client's global one, so several apps in
 one process (the tests) do not collide. Counters on the delivery path are
-incremented in bulk, once per live message, never once per recipient. Gauges
+kept by the hub as plain integers and added to the exported counters when
+scraped, never incremented per message or per recipient. Gauges
 of what the hub holds are sampled when scraped, so nothing keeps them up to
 date on the way.
 """
