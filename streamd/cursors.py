@@ -89,6 +89,7 @@ class Handoff:
     """
 
     last: EntryId = ZERO
+    epoch: str | None = None  # of the history replayed (None: it had none)
     held: deque[tuple[EntryId, bytes]] = field(default_factory=deque)
     held_bytes: int = 0  # of the items still held, not of those taken
     peak: int = 0  # the most bytes `hold_within` ever held at once

@@ -151,6 +151,7 @@ class Session:
         histories = hub.histories
         snap = await histories.snapshot(feed, op.backlog if cursor is None else 1)
         head = snap.head
+        handoff.epoch = snap.epoch
         if cursor is None:
             hub.send(conn, subscribed_frame(op.ref, feed, snap.head_cursor(), False))
             for entry in reversed(snap.newest[: op.backlog]):

@@ -47,6 +47,7 @@ Encoder = Callable[[bytes], bytes]
 _PLAIN_TRANSPORTS = frozenset({"TCPTransport", "_SelectorSocketTransport"})
 
 _POST_ID = b'"post":{"id":"'
+_CURSOR = b'"cursor":"'
 # How long a resubscribed feed's refill waits for a reader to take a page of
 # history before closing it 4008: the feed's live items are held meanwhile.
 RESYNC_DRAIN_SECONDS = 5.0
@@ -66,6 +67,13 @@ def _created_at(payload: bytes) -> int | None:
     end = payload.find(b"-", start)
     ms = payload[start:end]
     return int(ms) if start >= len(_POST_ID) and ms.isdigit() else None
+
+
+def _epoch_of(payload: bytes) -> str | None:
+    """The history epoch in a live item's cursor (the first cursor of the frame)."""
+    start = payload.find(_CURSOR) + len(_CURSOR)
+    end = payload.find(b".", start)
+    return payload[start:end].decode() if start >= len(_CURSOR) and end > start else None
 
 
 class Connection:
@@ -118,7 +126,7 @@ def socket_fd(transport: asyncio.BaseTransport) -> int:
 
 
 class FeedState:
-    __slots__ = ("feed", "channel", "live", "sse", "syncing", "filters", "last", "resync", "again", "ready")
+    __slots__ = ("feed", "channel", "live", "sse", "syncing", "filters", "last", "epoch", "resync", "again", "ready")
 
     def __init__(self, feed: str, channel: bytes) -> None:
         self.feed = feed
@@ -131,6 +139,9 @@ class FeedState:
         # until the live stream passes E.
         self.filters: dict[Connection, EntryId] = {}
         self.last: EntryId = cursors.ZERO  # newest entry received live
+        # The history epoch of the items the readers have (None: not known yet):
+        # a refill from a history of another epoch cannot follow them.
+        self.epoch: str | None = None
         self.resync: Handoff | None = None  # set while refilling after a reconnect
         self.again = False  # the live stream broke again during the refill: read once more
         self.ready: asyncio.Future[None] | None = None
@@ -225,6 +236,8 @@ class Hub:
             return
         for payload in handoff.release():
             self.send(conn, payload)
+        if st.epoch is None:
+            st.epoch = handoff.epoch
         if handoff.last > st.last:
             st.filters[conn] = handoff.last
         (st.live if conn.ws is not None else st.sse)[conn] = None
@@ -275,6 +288,8 @@ class Hub:
                 self.metrics.refill_dropped.inc(dropped)
         elif entry > st.last:
             st.last = entry
+            if st.epoch is None:
+                st.epoch = _epoch_of(payload)
             self._deliver(st, entry, payload)
 
     def _on_feed_control(self, st: FeedState, data: bytes) -> None:
@@ -685,6 +700,28 @@ class Hub:
         await self.drain([*st.live, *st.sse], RESYNC_DRAIN_SECONDS)
         return 0
 
+    def _close_readers_behind(self, st: FeedState, snap: history.Snapshot) -> None:
+        """Close (1001) the feed's readers for whom the history no longer holds
+        every item after the last they were sent: items after it were trimmed
+        meanwhile, or the history was lost (gone, or another epoch). Each
+        resumes from its cursor, and its resume answers `gap: true`; a refill
+        would skip those items without a word."""
+        lost = st.epoch is not None and snap.epoch != st.epoch
+        if not lost and snap.trimmed == cursors.ZERO:
+            return
+        behind: list[Connection] = []
+        for conn in [*st.live, *st.sse]:
+            # Where the reader is: the live items it was sent, or its replay if that went further.
+            seen = max(st.last, st.filters.get(conn, cursors.ZERO))
+            if lost or snap.trimmed > seen:
+                behind.append(conn)
+        # A replay under way holds the refill's items: it cannot follow a gap either.
+        behind += [conn for conn in st.syncing if lost or snap.trimmed > st.last]
+        if behind:
+            log.info("refill of %s: items %d readers did not get are no longer in its history; they resume", st.feed, len(behind))
+        for conn in behind:
+            self.kill(conn, CloseCode.GOING_AWAY)
+
     async def _refill(self, st: FeedState) -> bool:
         """Deliver the feed's history after the handoff's `last`, page by page,
         paced, then the live items held meanwhile. Reads the history once more
@@ -692,6 +729,10 @@ class Hub:
         RESYNC_PASSES more passes."""
         assert st.resync is not None
         snap = await self.histories.snapshot(st.feed, 1)
+        self._close_readers_behind(st, snap)
+        if not (st.live or st.sse or st.syncing):
+            return True  # no reader left to refill
+        st.epoch = snap.epoch if snap.epoch is not None else st.epoch
         queued = 0
         for _ in range(1 + RESYNC_PASSES):
             st.again = False

@@ -205,3 +205,86 @@ async def test_a_refill_that_cannot_catch_up_closes_its_readers_to_resume(
     await refill.live(1)
     await refill.read(ws, 1)
     assert refill.entries() == refill.ids
+
+
+async def _closed(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """Read until the server closes `ws`; its close code."""
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), 10)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            return ws.close_code
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+
+
+async def _resume(refill: Refill, session: aiohttp.ClientSession, cursor: str) -> tuple[Any, dict[str, Any]]:
+    ws = await session.ws_connect(refill.server.make_url("/v1/ws"))
+    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED, "cursor": cursor}).decode())
+    subscribed = orjson.loads((await ws.receive()).data)
+    assert subscribed["op"] == "subscribed", subscribed
+    return ws, subscribed
+
+
+async def _history_written_offline(redis: aioredis.Redis, n: int) -> list[str]:
+    """`n` items in the history that the live channel never carried."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for k in range(n):
+            pid = f"9{k}-0"
+            pipe.xadd(keys.feed_stream(FEED), {"t": "post", "pid": pid, "p": post(pid, 10)})
+        return [i.decode() for i in await pipe.execute()]
+
+
+async def test_a_refill_past_trimmed_items_closes_their_readers_to_resume_with_a_gap(
+    refill: Refill, reader_session: aiohttp.ClientSession
+) -> None:
+    behind = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
+    await behind.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
+    assert orjson.loads((await behind.receive()).data)["op"] == "subscribed"
+    await refill.live(3)
+    await refill.read(behind, 3)
+
+    # While the live connection is down: ten items, of which the history keeps five.
+    offline = await _history_written_offline(refill.redis, 10)
+    await refill.redis.xtrim(keys.feed_stream(FEED), maxlen=5, approximate=False)
+    await refill.redis.hset(keys.feed_meta(FEED), "trimmed", offline[4])
+    # A reader that came after the trim has everything up to the head: not behind.
+    ahead = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
+    await ahead.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
+    assert orjson.loads((await ahead.receive()).data)["op"] == "subscribed"
+    await refill.redis.client_kill_filter(_type="pubsub")
+
+    assert await _closed(behind) == 1001
+    ws, subscribed = await _resume(refill, reader_session, refill.got[-1])
+    assert subscribed["gap"] is True
+    before = len(refill.got)
+    await refill.read(ws, 5)
+    assert refill.entries()[before:] == offline[5:]
+
+    # The other reader stayed, and goes on with the live items, each once.
+    refill.got = []
+    await refill.live(1)
+    await refill.read(ahead, 1)
+    await refill.read(ws, 1)
+    assert refill.entries() == [refill.ids[-1]] * 2
+
+
+async def test_a_refill_from_a_lost_history_closes_its_readers_to_resume_with_a_gap(
+    refill: Refill, reader_session: aiohttp.ClientSession
+) -> None:
+    ws = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
+    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
+    assert orjson.loads((await ws.receive()).data)["op"] == "subscribed"
+    await refill.live(3)
+    await refill.read(ws, 3)
+
+    # While the live connection is down the history is lost, and a new one begins.
+    await refill.redis.delete(keys.feed_stream(FEED), keys.feed_meta(FEED))
+    await refill.redis.hset(keys.feed_meta(FEED), "epoch", "e2")
+    fresh = await _history_written_offline(refill.redis, 2)
+    await refill.redis.client_kill_filter(_type="pubsub")
+
+    assert await _closed(ws) == 1001
+    ws, subscribed = await _resume(refill, reader_session, refill.got[-1])
+    assert subscribed["gap"] is True
+    before = len(refill.got)
+    await refill.read(ws, 2)
+    assert refill.got[before:] == [f"e2.{i}" for i in fresh]
