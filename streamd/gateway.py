@@ -192,10 +192,16 @@ class Session:
 
 
 def client_ip(request: web.Request, settings: Settings) -> str:
+    """The client's address: the peer's, or behind trusted proxies the
+    X-Forwarded-For entry the first of them appended (`forwarded_for_hops`
+    from the end; any entry before it the client may have written). A
+    header with fewer entries did not come through every proxy: the peer's."""
     if settings.trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For")
-        if forwarded:
-            return forwarded.split(",")[0].strip()
+        hops = max(1, settings.forwarded_for_hops)
+        entries = [e.strip() for e in ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")]
+        entries = [e for e in entries if e]
+        if len(entries) >= hops:
+            return entries[-hops]
     return request.remote or "?"
 
 

@@ -45,8 +45,12 @@ class Settings:
     connections_burst: int = 50
     frames_per_second: float = 50.0  # client frames per socket; past the burst: close 4029
     frames_burst: int = 200
-    # Behind a proxy or load balancer: take the client IP from X-Forwarded-For.
+    # Behind a proxy or load balancer: take the client IP from X-Forwarded-For,
+    # the entry `forwarded_for_hops` from its end: each proxy in front of the
+    # gateway appends the address it got the request from, so the entries
+    # before those are whatever the client sent.
     trust_forwarded_for: bool = False
+    forwarded_for_hops: int = 1
     max_lists_per_user: int = 100
     max_list_members: int = 10_000
     max_embed_ttl_seconds: int = 30 * 24 * 3600

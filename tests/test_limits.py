@@ -80,3 +80,43 @@ async def test_expired_embed_token_closes_4001(start_server: Any, settings: Any,
         if msg.type != aiohttp.WSMsgType.TEXT:
             break
     assert ws.close_code == 4001
+
+
+async def _upgrade(session: aiohttp.ClientSession, url: Any, forwarded: str) -> int:
+    """The status of a WebSocket upgrade with this X-Forwarded-For (101 or the refusal)."""
+    try:
+        ws = await session.ws_connect(url, headers={"X-Forwarded-For": forwarded})
+    except aiohttp.WSServerHandshakeError as err:
+        return err.status
+    await ws.close()
+    return 101
+
+
+async def test_new_connections_per_forwarded_ip(start_server: Any, settings: Any, session: aiohttp.ClientSession) -> None:
+    srv = await start_server(
+        settings.replace(connections_per_second=0.01, connections_burst=2, trust_forwarded_for=True)
+    )
+    url = srv.make_url("/v1/ws")
+    # The proxy appended 10.0.0.7: what the client wrote before it changes nothing.
+    assert await _upgrade(session, url, "1.1.1.1, 10.0.0.7") == 101
+    assert await _upgrade(session, url, "2.2.2.2,10.0.0.7") == 101
+    assert await _upgrade(session, url, "3.3.3.3, 10.0.0.7") == 429
+    assert await _upgrade(session, url, "10.0.0.7") == 429
+    # Another client behind the same proxy has its own allowance.
+    assert await _upgrade(session, url, "10.0.0.7, 10.0.0.8") == 101
+
+
+async def test_forwarded_ip_behind_a_chain_of_proxies(start_server: Any, settings: Any, session: aiohttp.ClientSession) -> None:
+    srv = await start_server(
+        settings.replace(
+            connections_per_second=0.01, connections_burst=1, trust_forwarded_for=True, forwarded_for_hops=2
+        )
+    )
+    url = srv.make_url("/v1/ws")
+    # A CDN appended the client (10.0.0.9), the load balancer the CDN's edge.
+    assert await _upgrade(session, url, "6.6.6.6, 10.0.0.9, 172.16.0.1") == 101
+    assert await _upgrade(session, url, "7.7.7.7, 10.0.0.9, 172.16.0.2") == 429
+    assert await _upgrade(session, url, "10.0.0.10, 172.16.0.1") == 101
+    # Too few entries to have come through both proxies: the peer's address counts.
+    assert await _upgrade(session, url, "10.0.0.11") == 101
+    assert await _upgrade(session, url, "10.0.0.12") == 429
