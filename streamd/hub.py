@@ -58,6 +58,11 @@ RESYNC_ATTEMPTS = 5
 # came live during the one before, so passes shrink while the readers take
 # items faster than the feed gets them; one that gets them faster never ends.
 RESYNC_PASSES = 5
+# The live items the refilling feeds of a process may hold, in socket bounds
+# (`socket_buffer_bytes`): the feed being refilled holds up to one bound, and
+# the feeds waiting for their turn share this many more. Past it a waiting
+# feed lets its items go, to read them from its history when its turn comes.
+WAITING_BOUNDS = 15
 
 
 def _created_at(payload: bytes) -> int | None:
@@ -156,6 +161,8 @@ class Hub:
         self.metrics = metrics if metrics is not None else Metrics()
         self._settings = settings
         self._limit = settings.socket_buffer_bytes
+        self._held = 0  # bytes of live items held by the feeds waiting to be refilled
+        self._refilled: FeedState | None = None  # the feed being refilled (one at a time)
         self._by_channel: dict[bytes, FeedState] = {}
         self._by_feed: dict[str, FeedState] = {}
         self.connections: set[Connection] = set()
@@ -282,7 +289,14 @@ class Hub:
             # bound. Past it they are let go: the feed script publishes each
             # item right after its XADD, so the refill finds them in the
             # history, after `resync.last`, when it reads it once more.
-            dropped = st.resync.hold_within(entry, payload, self._limit)
+            resync = st.resync
+            if st is self._refilled:
+                dropped = resync.hold_within(entry, payload, self._limit)
+            else:
+                before = resync.held_bytes
+                room = WAITING_BOUNDS * self._limit - (self._held - before)  # what the other waiting feeds leave
+                dropped = resync.hold_within(entry, payload, min(self._limit, room))
+                self._held += resync.held_bytes - before
             if dropped:
                 st.again = True
                 self.metrics.refill_dropped.inc(dropped)
@@ -644,6 +658,9 @@ class Hub:
             # One feed at a time: the refills of the feeds one reader follows
             # all go to its one socket, and each paces only what it queues.
             async with self._refilling:
+                # Its held items leave the waiting feeds' share.
+                self._held -= st.resync.held_bytes
+                self._refilled = st
                 for attempt in range(RESYNC_ATTEMPTS):
                     try:
                         caught_up = await self._refill(st)
@@ -669,6 +686,10 @@ class Hub:
             # held may follow a gap: it is let go, for the history to give it
             # to the readers that resume.
             handoff, st.resync = st.resync, None
+            if self._refilled is st:
+                self._refilled = None
+            elif handoff is not None:  # it failed before its turn
+                self._held -= handoff.held_bytes
             if handoff is not None:
                 st.last = max(st.last, handoff.last)
         if not caught_up:

@@ -135,14 +135,19 @@ class Refill:
 
     async def live(self, n: int) -> None:
         """Append `n` posts and publish them live with the feed script, as the worker does."""
+        self.ids += await self.publish(FEED, [f"{k}-9" for k in range(len(self.ids) + 1, len(self.ids) + n + 1)], 500)
+
+    async def publish(self, feed: str, pids: list[str], size: int) -> list[str]:
+        """Posts `pids` appended to `feed` and published live; their entry ids."""
         posts: list[bytes | str] = []
-        for k in range(len(self.ids) + 1, len(self.ids) + n + 1):
-            posts += [f"{k}-9", post(f"{k}-9", 500)]
+        for pid in pids:
+            posts += [pid, post(pid, size)]
+        n = len(pids)
         ids = await store.Scripts.register(self.redis).feed_append(
-            keys=[keys.feed_stream(FEED), keys.feed_meta(FEED), keys.feed_index(FEED)],
-            args=[self.settings.feed_history_len, EPOCH, n, *posts, keys.feed_channel(FEED), FEED, n, *range(1, n + 1)],
+            keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+            args=[self.settings.feed_history_len, EPOCH, n, *posts, keys.feed_channel(feed), feed, n, *range(1, n + 1)],
         )
-        self.ids += [i.decode() for i in ids]
+        return [i.decode() for i in ids]
 
     def entries(self) -> list[str]:
         return [cursor.rsplit(".", 1)[1] for cursor in self.got]
@@ -288,3 +293,40 @@ async def test_a_refill_from_a_lost_history_closes_its_readers_to_resume_with_a_
     before = len(refill.got)
     await refill.read(ws, 2)
     assert refill.got[before:] == [f"e2.{i}" for i in fresh]
+
+
+async def test_feeds_waiting_for_their_refill_share_one_bound(
+    refill: Refill, reader_session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub_module, "WAITING_BOUNDS", 1)
+    others: dict[str, aiohttp.ClientWebSocketResponse] = {}
+    for feed in ("event:oaks", "event:ascot"):
+        others[feed] = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
+        await others[feed].send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": feed}).decode())
+        assert orjson.loads((await others[feed].receive()).data)["op"] == "subscribed"
+    ws = await refill.start(reader_session)  # FEED's refill now waits for its paused reader
+    # Break the live stream again: the other feeds wait for their turn (if
+    # they were not waiting already), holding the live items they get.
+    hub = refill.server.app[HUB]
+    reconnects = hub.live.reconnects
+    await refill.redis.client_kill_filter(_type="pubsub")
+    while hub.live.reconnects == reconnects or any(hub._by_feed[f].resync is None for f in others):
+        await asyncio.sleep(0.005)
+    assert hub._by_feed[FEED].resync is not None
+
+    # 40 KB for each: within one feed's bound, not within the one the two share.
+    sent = {feed: await refill.publish(feed, [f"{k}-7" for k in range(1, 41)], 1000) for feed in others}
+    await asyncio.wait_for(refill.let_go.wait(), 10)
+
+    await refill.read(ws, len(refill.ids) - len(refill.got))
+    for feed, other in others.items():
+        got: list[str] = []
+        while len(got) < len(sent[feed]):
+            msg = await asyncio.wait_for(other.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.TEXT, f"{feed} closed {other.close_code} after {len(got)} items"
+            frame = orjson.loads(msg.data)
+            if frame["op"] == "post":
+                got.append(frame["cursor"].rsplit(".", 1)[1])
+        assert got == sent[feed]
+    assert refill.entries() == refill.ids
+    assert hub._held == 0
