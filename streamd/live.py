@@ -26,15 +26,15 @@ import asyncio
 import logging
 import random
 from collections import deque
-from functools import partial
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.cluster import REDIS_CLUSTER_HASH_SLOTS
-from redis.asyncio.connection import AbstractConnection
 from redis._parsers import BaseParser
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.cluster import REDIS_CLUSTER_HASH_SLOTS
 from redis.crc import key_slot
 from redis.exceptions import (
     ConnectionError,
@@ -73,7 +73,7 @@ class _Single:
 
     def connection(self, address: str) -> AbstractConnection:
         kwargs = dict(self._pool.connection_kwargs)
-        # Nobody but the read loop may read from this connection.
+        # Nothing but its `_Replies` reads from this connection once it is greeted.
         kwargs["health_check_interval"] = 0
         kwargs["socket_timeout"] = None
         conn: AbstractConnection = self._pool.connection_class(**kwargs)
