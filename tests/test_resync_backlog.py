@@ -221,12 +221,27 @@ async def _closed(ws: aiohttp.ClientWebSocketResponse) -> int | None:
         assert msg.type == aiohttp.WSMsgType.TEXT, msg
 
 
-async def _resume(refill: Refill, session: aiohttp.ClientSession, cursor: str) -> tuple[Any, dict[str, Any]]:
+async def _subscriber(refill: Refill, session: aiohttp.ClientSession, feed: str = FEED) -> aiohttp.ClientWebSocketResponse:
+    """A socket subscribed to `feed` (no cursor)."""
     ws = await session.ws_connect(refill.server.make_url("/v1/ws"))
-    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED, "cursor": cursor}).decode())
+    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": feed}).decode())
+    assert orjson.loads((await ws.receive()).data)["op"] == "subscribed"
+    return ws
+
+
+async def _resumed_with_a_gap(
+    refill: Refill, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse, n: int
+) -> tuple[aiohttp.ClientWebSocketResponse, list[str]]:
+    """`ws` closed 1001 and resumed from the last cursor it got: the resume says
+    `gap: true`; the new socket, and the cursors of the next `n` items."""
+    assert await _closed(ws) == 1001
+    ws = await session.ws_connect(refill.server.make_url("/v1/ws"))
+    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED, "cursor": refill.got[-1]}).decode())
     subscribed = orjson.loads((await ws.receive()).data)
-    assert subscribed["op"] == "subscribed", subscribed
-    return ws, subscribed
+    assert subscribed["op"] == "subscribed" and subscribed["gap"] is True, subscribed
+    before = len(refill.got)
+    await refill.read(ws, n)
+    return ws, refill.got[before:]
 
 
 async def _history_written_offline(redis: aioredis.Redis, n: int) -> list[str]:
@@ -241,9 +256,7 @@ async def _history_written_offline(redis: aioredis.Redis, n: int) -> list[str]:
 async def test_a_refill_past_trimmed_items_closes_their_readers_to_resume_with_a_gap(
     refill: Refill, reader_session: aiohttp.ClientSession
 ) -> None:
-    behind = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
-    await behind.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
-    assert orjson.loads((await behind.receive()).data)["op"] == "subscribed"
+    behind = await _subscriber(refill, reader_session)
     await refill.live(3)
     await refill.read(behind, 3)
 
@@ -252,17 +265,11 @@ async def test_a_refill_past_trimmed_items_closes_their_readers_to_resume_with_a
     await refill.redis.xtrim(keys.feed_stream(FEED), maxlen=5, approximate=False)
     await refill.redis.hset(keys.feed_meta(FEED), "trimmed", offline[4])
     # A reader that came after the trim has everything up to the head: not behind.
-    ahead = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
-    await ahead.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
-    assert orjson.loads((await ahead.receive()).data)["op"] == "subscribed"
+    ahead = await _subscriber(refill, reader_session)
     await refill.redis.client_kill_filter(_type="pubsub")
 
-    assert await _closed(behind) == 1001
-    ws, subscribed = await _resume(refill, reader_session, refill.got[-1])
-    assert subscribed["gap"] is True
-    before = len(refill.got)
-    await refill.read(ws, 5)
-    assert refill.entries()[before:] == offline[5:]
+    ws, got = await _resumed_with_a_gap(refill, reader_session, behind, 5)
+    assert [cursor.rsplit(".", 1)[1] for cursor in got] == offline[5:]
 
     # The other reader stayed, and goes on with the live items, each once.
     refill.got = []
@@ -275,9 +282,7 @@ async def test_a_refill_past_trimmed_items_closes_their_readers_to_resume_with_a
 async def test_a_refill_from_a_lost_history_closes_its_readers_to_resume_with_a_gap(
     refill: Refill, reader_session: aiohttp.ClientSession
 ) -> None:
-    ws = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
-    await ws.send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": FEED}).decode())
-    assert orjson.loads((await ws.receive()).data)["op"] == "subscribed"
+    ws = await _subscriber(refill, reader_session)
     await refill.live(3)
     await refill.read(ws, 3)
 
@@ -287,12 +292,8 @@ async def test_a_refill_from_a_lost_history_closes_its_readers_to_resume_with_a_
     fresh = await _history_written_offline(refill.redis, 2)
     await refill.redis.client_kill_filter(_type="pubsub")
 
-    assert await _closed(ws) == 1001
-    ws, subscribed = await _resume(refill, reader_session, refill.got[-1])
-    assert subscribed["gap"] is True
-    before = len(refill.got)
-    await refill.read(ws, 2)
-    assert refill.got[before:] == [f"e2.{i}" for i in fresh]
+    ws, got = await _resumed_with_a_gap(refill, reader_session, ws, 2)
+    assert got == [f"e2.{i}" for i in fresh]
 
 
 async def test_feeds_waiting_for_their_refill_share_one_bound(
@@ -301,9 +302,7 @@ async def test_feeds_waiting_for_their_refill_share_one_bound(
     monkeypatch.setattr(hub_module, "WAITING_BOUNDS", 1)
     others: dict[str, aiohttp.ClientWebSocketResponse] = {}
     for feed in ("event:oaks", "event:ascot"):
-        others[feed] = await reader_session.ws_connect(refill.server.make_url("/v1/ws"))
-        await others[feed].send_str(orjson.dumps({"op": "subscribe", "ref": 1, "feed": feed}).decode())
-        assert orjson.loads((await others[feed].receive()).data)["op"] == "subscribed"
+        others[feed] = await _subscriber(refill, reader_session, feed)
     ws = await refill.start(reader_session)  # FEED's refill now waits for its paused reader
     # Break the live stream again: the other feeds wait for their turn (if
     # they were not waiting already), holding the live items they get.
