@@ -8,7 +8,7 @@ from aiohttp import web
 from streamd import keys, store
 from streamd.errors import BadRequest, Forbidden, NotFound
 from streamd.feeds import parse_feed
-from streamd.http_base import AUTH, LISTS, REDIS, SCRIPTS, SETTINGS, json_response, read_object, token_of
+from streamd.http_base import AUTH, LISTS, REDIS, SETTINGS, json_response, read_object, token_of
 from streamd.ingest import INGEST
 from streamd.posts import build_post, shard_of_post, valid_post_id
 
@@ -87,10 +87,7 @@ async def get_post(request: web.Request) -> web.Response:
 async def delete_post(request: web.Request) -> web.Response:
     who = await request.app[AUTH].require_writer(token_of(request))
     post_id, shard = _post_key(request)
-    result = await request.app[SCRIPTS].post_delete(
-        keys=[keys.post_record(shard, post_id), keys.ingest_stream(shard)],
-        args=[post_id, "" if who.is_admin else who.handle or ""],
-    )
+    result = await request.app[INGEST].delete(post_id, shard, "" if who.is_admin else who.handle or "")
     if result == 0:
         raise NotFound(f"no post {post_id!r}")
     if result == -1:

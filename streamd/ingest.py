@@ -158,6 +158,31 @@ class Acceptance:
         return script_keys, script_args
 
 
+    async def delete(self, post_id: str, shard: int, caller: str) -> int:
+        """Mark a post deleted; on one server also remove it from its feeds at
+        once (`post_delete_fanout.lua`), else the worker does. 1: deleted,
+        0: no such post (or deleted already), -1: `caller` ('' for admin) is
+        not its author."""
+        record, stream = keys.post_record(shard, post_id), keys.ingest_stream(shard)
+        if not self._direct:
+            result: int = await self._scripts.post_delete(keys=[record, stream], args=[post_id, caller])
+            return result
+        for _ in range(3):
+            feeds = await self._redis.hget(record, "f")
+            if feeds is None:
+                return 0
+            names = orjson.loads(feeds)
+            script_keys: list[Any] = [record, stream]
+            script_args: list[Any] = [post_id, caller, feeds, f"{self._random.getrandbits(32):08x}"]
+            for feed in names:
+                script_keys += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
+                script_args += (keys.feed_channel(feed), feed)
+            result = await self._scripts.post_delete_fanout(keys=script_keys, args=script_args)
+            if result != -2:  # -2: the record's feeds are not those read (it was replaced meanwhile)
+                return result
+        raise Unavailable("the post changed while it was being deleted, try again")
+
+
 class Ingest:
     """Accepts posts for one app (`INGEST`)."""
 
@@ -176,6 +201,10 @@ class Ingest:
         self._lists = lists
         self._accepted = metrics.posts_accepted
         self._acceptance = Acceptance(client, scripts, settings, fast)
+
+    async def delete(self, post_id: str, shard: int, caller: str) -> int:
+        """As `Acceptance.delete`."""
+        return await self._acceptance.delete(post_id, shard, caller)
 
     async def accept(self, token: str | None, request: web.Request) -> tuple[dict[str, Any], bool]:
         """The post accepted for the request, and whether it is new (False: an

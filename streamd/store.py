@@ -292,6 +292,7 @@ class Scripts:
     ingest_post: Script
     ingest_fanout: Script
     post_delete: Script
+    post_delete_fanout: Script
     list_member: Script
     list_clear: Script
     token_use: Script

@@ -81,3 +81,63 @@ async def test_a_feed_redis_refuses_sends_the_post_to_the_dead_letters_and_the_r
     assert await worker.step() == 1
     assert (await redis.xpending(keys.ingest_stream(), keys.FANOUT_GROUP))["pending"] == 0
     assert await _feed_post_ids(redis, "user:hal") == [post["id"]]
+
+
+async def test_a_delete_reaches_every_feed_with_no_worker_and_the_worker_only_acknowledges_it(
+    start_server: Any, settings: Settings, session: Any, redis: aioredis.Redis
+) -> None:
+    server, api = await _api(start_server, settings, session)
+    jane = await api.user("jane")
+    feeds = ["user:jane", "event:derby-2026"]
+    post = await api.post(jane, "withdrawn", events=["derby-2026"])
+    ws = WsClient(await session.ws_connect(server.make_url("/v1/ws")))
+    for feed in feeds:
+        await ws.subscribe(feed)
+    status, _ = await api.call("DELETE", f"/v1/posts/{post['id']}", None, jane)
+    assert status == 204
+    got = {}
+    for _ in feeds:
+        frame = await ws.recv()
+        assert frame["op"] == "delete" and frame["post_id"] == post["id"], frame
+        got[frame["feed"]] = frame["cursor"]
+    assert sorted(got) == sorted(feeds)
+    for feed in feeds:  # the post is out of the histories, its tombstone in
+        assert await _feed_post_ids(redis, feed) == [post["id"]]
+        (_, fields), = await redis.xrange(keys.feed_stream(feed))
+        assert fields[b"t"] == b"delete"
+
+    worker = FanoutWorker(redis, settings)
+    await worker.ensure_group()
+    assert await worker.step() == 2  # the post and its delete: acknowledged, nothing written again
+    assert (await redis.xpending(keys.ingest_stream(), keys.FANOUT_GROUP))["pending"] == 0
+    for feed in feeds:
+        assert len(await redis.xrange(keys.feed_stream(feed))) == 1
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("streamd_posts_fanned_out_total") == 1  # the delete is no post
+    assert sample("streamd_feed_items_written_total") == 4  # two posts and two deletes
+    assert sample("streamd_ingest_lag_seconds_count") == 2  # of the posts' items only
+    status, _ = await api.call("DELETE", f"/v1/posts/{post['id']}", None, jane)
+    assert status == 404
+    await ws.ws.close()
+
+
+async def test_a_delete_redis_refuses_on_a_feed_is_finished_by_the_worker(
+    start_server: Any, settings: Settings, session: Any, redis: aioredis.Redis
+) -> None:
+    _, api = await _api(start_server, settings, session)
+    token = await api.user("hal")
+    post = await api.post(token, "soon broken", events=["broken"])
+    await redis.delete(keys.feed_index("event:broken"))
+    await redis.set(keys.feed_index("event:broken"), "not a hash")
+    status, _ = await api.call("DELETE", f"/v1/posts/{post['id']}", None, token)
+    assert status == 204
+    # The other feed has the delete already; the entry waits for the worker.
+    (_, fields), = await redis.xrange(keys.feed_stream("user:hal"), "-", "+")
+    assert fields[b"t"] == b"delete"
+    worker = FanoutWorker(redis, settings)
+    await worker.ensure_group()
+    assert await worker.step() == 2
+    assert (await redis.xpending(keys.ingest_stream(), keys.FANOUT_GROUP))["pending"] == 0
+    assert len(await redis.xrange(keys.feed_stream("user:hal"))) == 1  # not sent twice
+    dead = await redis.xrange(keys.dead_letter_stream())
+    assert len(dead) == 1 and b"refused" in dead[0][1][b"reason"]
