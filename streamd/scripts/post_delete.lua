@@ -5,16 +5,14 @@
 --
 -- Returns 1 when queued, 0 when there is no such post (or it is already
 -- deleted), -1 when the caller is not its author.
+--! include post_delete_core.lua
 local record, stream = KEYS[1], KEYS[2]
-local post_id, caller = ARGV[1], ARGV[2]
+local post_id = ARGV[1]
 
-local rec = redis.call('HMGET', record, 'a', 'f', 'deleted')
-if not rec[1] or rec[3] then
-  return 0
-end
-if caller ~= '' and caller ~= rec[1] then
-  return -1
+local feeds = deletable(record, ARGV[2])
+if feeds == 0 or feeds == -1 then
+  return feeds
 end
 redis.call('HSET', record, 'deleted', '1')
-redis.call('XADD', stream, '*', 'x', post_id, 'f', rec[2])
+redis.call('XADD', stream, '*', 'x', post_id, 'f', feeds)
 return 1

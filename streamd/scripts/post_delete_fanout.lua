@@ -17,18 +17,16 @@
 -- Returns 1 when deleted, 0 when there is no such post (or it is already
 -- deleted), -1 when the caller is not its author, and -2 without writing
 -- anything when ARGV[3] is not the record's feeds: read them again.
+--! include post_delete_core.lua
 --! include feed_delete_core.lua
 local record, stream = KEYS[1], KEYS[2]
-local post_id, caller, feeds = ARGV[1], ARGV[2], ARGV[3]
+local post_id = ARGV[1]
 
-local rec = redis.call('HMGET', record, 'a', 'f', 'deleted')
-if not rec[1] or rec[3] then
-  return 0
+local feeds = deletable(record, ARGV[2])
+if feeds == 0 or feeds == -1 then
+  return feeds
 end
-if caller ~= '' and caller ~= rec[1] then
-  return -1
-end
-if rec[2] ~= feeds then
+if feeds ~= ARGV[3] then
   return -2
 end
 redis.call('HSET', record, 'deleted', '1')
@@ -43,8 +41,8 @@ for f = 3, #KEYS, 3 do
   end
 end
 if refused then
-  redis.call('XADD', stream, '*', 'x', post_id, 'f', rec[2])
+  redis.call('XADD', stream, '*', 'x', post_id, 'f', feeds)
 else
-  redis.call('XADD', stream, '*', 'x', post_id, 'f', rec[2], 'n', string.format('%d', sent))
+  redis.call('XADD', stream, '*', 'x', post_id, 'f', feeds, 'n', string.format('%d', sent))
 end
 return 1
