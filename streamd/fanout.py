@@ -706,7 +706,7 @@ class Plan:
             self.calls.append(
                 Call(
                     self._delete,
-                    [keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+                    [*keys.feed_keys(feed)],
                     [keys.feed_channel(feed), feed, post_id, self._epoch],
                     [n],
                 )
@@ -724,7 +724,7 @@ class Plan:
         owners: list[int] = []
         numbers = group.numbers
         for feed, entries in group.feeds.items():
-            keys_ += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
+            keys_ += keys.feed_keys(feed)
             args += (keys.feed_channel(feed), feed, len(entries))
             args += [numbers[n] for n in entries]
             owners += entries

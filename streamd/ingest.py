@@ -151,11 +151,13 @@ class Acceptance:
         ]
         if self._direct:
             script_keys += (keys.dead_letter_stream(shard), keys.member_of(author))
-            script_args += (settings.feed_history_len, f"{self._random.getrandbits(32):08x}")
-            for feed in feeds:
-                script_keys += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
-                script_args += (keys.feed_channel(feed), feed)
+            script_args += (settings.feed_history_len, self._fresh_epoch())
+            _add_feeds(feeds, script_keys, script_args)
         return script_keys, script_args
+
+    def _fresh_epoch(self) -> str:
+        """The epoch a fan-out-at-accept script gives a feed that has none yet."""
+        return f"{self._random.getrandbits(32):08x}"
 
 
     async def delete(self, post_id: str, shard: int, caller: str) -> int:
@@ -167,20 +169,18 @@ class Acceptance:
         if not self._direct:
             result: int = await self._scripts.post_delete(keys=[record, stream], args=[post_id, caller])
             return result
-        for _ in range(3):
-            feeds = await self._redis.hget(record, "f")
-            if feeds is None:
-                return 0
-            names = orjson.loads(feeds)
-            script_keys: list[Any] = [record, stream]
-            script_args: list[Any] = [post_id, caller, feeds, f"{self._random.getrandbits(32):08x}"]
-            for feed in names:
-                script_keys += (keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed))
-                script_args += (keys.feed_channel(feed), feed)
-            result = await self._scripts.post_delete_fanout(keys=script_keys, args=script_args)
-            if result != -2:  # -2: the record's feeds are not those read (it was replaced meanwhile)
-                return result
-        raise Unavailable("the post changed while it was being deleted, try again")
+        # A post's feeds are written once, when it is accepted: the script
+        # checks them (its keys must be the feeds'), they do not change.
+        feeds = await self._redis.hget(record, "f")
+        if feeds is None:
+            return 0
+        script_keys: list[Any] = [record, stream]
+        script_args: list[Any] = [post_id, caller, feeds, self._fresh_epoch()]
+        _add_feeds(orjson.loads(feeds), script_keys, script_args)
+        result = await self._scripts.post_delete_fanout(keys=script_keys, args=script_args)
+        if result == -2:  # the record was replaced between the two reads
+            raise Unavailable("the post changed while it was being deleted, try again")
+        return result
 
 
 class Ingest:
@@ -255,6 +255,14 @@ class Ingest:
         assert author is not None
         new = validate_new_post(await read_json(request), self._settings)
         return author, new, await self._lists.memberships(author)
+
+
+def _add_feeds(feeds: list[str], script_keys: list[Any], script_args: list[Any]) -> None:
+    """Each feed's keys and its (channel, name) arguments, as the scripts that
+    write feeds at accept take them."""
+    for feed in feeds:
+        script_keys += keys.feed_keys(feed)
+        script_args += (keys.feed_channel(feed), feed)
 
 
 @functools.lru_cache(maxsize=4096)

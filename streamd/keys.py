@@ -45,6 +45,11 @@ def feed_index(feed: str) -> str:
     return f"{PREFIX}:{{f:{feed}}}:index"
 
 
+def feed_keys(feed: str) -> tuple[str, str, str]:
+    """The keys a feed's scripts take, in their order: history, meta, index."""
+    return feed_stream(feed), feed_meta(feed), feed_index(feed)
+
+
 def feed_channel(feed: str) -> str:
     """Pub/sub channel carrying the feed's live items to the gateways."""
     return f"{PREFIX}:{{f:{feed}}}:live"

@@ -130,7 +130,7 @@ class Lists:
         feed = f"list:{list_id}"
         gone = error_frame(NotFound("this list was deleted", feed=feed))
         await self._scripts.feed_remove(
-            keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+            keys=keys.feed_keys(feed),
             args=[keys.feed_channel(feed), gone],
         )
         await self._scripts.list_clear(keys=[keys.list_members(list_id)], args=[list_id, keys.member_of("")])

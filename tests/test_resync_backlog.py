@@ -144,7 +144,7 @@ class Refill:
             posts += [pid, post(pid, size)]
         n = len(pids)
         ids = await store.Scripts.register(self.redis).feed_append(
-            keys=[keys.feed_stream(feed), keys.feed_meta(feed), keys.feed_index(feed)],
+            keys=keys.feed_keys(feed),
             args=[self.settings.feed_history_len, EPOCH, n, *posts, keys.feed_channel(feed), feed, n, *range(1, n + 1)],
         )
         return [i.decode() for i in ids]

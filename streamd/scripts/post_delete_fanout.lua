@@ -16,7 +16,8 @@
 --
 -- Returns 1 when deleted, 0 when there is no such post (or it is already
 -- deleted), -1 when the caller is not its author, and -2 without writing
--- anything when ARGV[3] is not the record's feeds: read them again.
+-- anything when ARGV[3] is not the record's feeds (they are written once, at
+-- accept: the record was replaced since the caller read them).
 --! include post_delete_core.lua
 --! include feed_delete_core.lua
 local record, stream = KEYS[1], KEYS[2]
