@@ -727,17 +727,17 @@ class Hub:
         meanwhile, or the history was lost (gone, or another epoch). Each
         resumes from its cursor, and its resume answers `gap: true`; a refill
         would skip those items without a word."""
-        lost = st.epoch is not None and snap.epoch != st.epoch
-        if not lost and snap.trimmed == cursors.ZERO:
-            return
-        behind: list[Connection] = []
-        for conn in [*st.live, *st.sse]:
-            # Where the reader is: the live items it was sent, or its replay if that went further.
-            seen = max(st.last, st.filters.get(conn, cursors.ZERO))
-            if lost or snap.trimmed > seen:
-                behind.append(conn)
-        # A replay under way holds the refill's items: it cannot follow a gap either.
-        behind += [conn for conn in st.syncing if lost or snap.trimmed > st.last]
+        epoch = st.epoch or cursors.NO_EPOCH
+
+        def gap(seen: EntryId) -> bool:
+            # The rule a resume from (epoch, seen) answers `gap` by.
+            return cursors.plan_resume(cursors.Cursor(epoch, seen), snap.epoch, snap.trimmed).gap
+
+        # Where a reader is: the live items it was sent, or its replay if that went further.
+        behind = [c for c in [*st.live, *st.sse] if gap(max(st.last, st.filters.get(c, cursors.ZERO)))]
+        if gap(st.last):
+            # A replay under way holds the refill's items: it cannot follow a gap either.
+            behind += st.syncing
         if behind:
             log.info("refill of %s: items %d readers did not get are no longer in its history; they resume", st.feed, len(behind))
         for conn in behind:
