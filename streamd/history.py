@@ -26,10 +26,12 @@ class Snapshot:
     def head(self) -> EntryId:
         return cursors.parse_entry_id(self.newest[0][0]) if self.newest else cursors.ZERO
 
+    @property
+    def head_position(self) -> cursors.Cursor:
+        return cursors.Cursor(self.epoch or cursors.NO_EPOCH, self.head)
+
     def head_cursor(self) -> str:
-        if not self.newest:
-            return cursors.encode(self.epoch, "0-0")
-        return cursors.encode(self.epoch, self.newest[0][0].decode())
+        return str(self.head_position)
 
 
 class Histories:

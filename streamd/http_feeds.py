@@ -85,7 +85,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
         # client that has the headers gets everything posted after them,
         # however long the subscription then takes to be in place (under
         # Cluster, a connection to another node first).
-        start = cursors.decode((await hub.histories.snapshot(feed, 1)).head_cursor())
+        start = (await hub.histories.snapshot(feed, 1)).head_position
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
